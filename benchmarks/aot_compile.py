@@ -1,0 +1,153 @@
+"""Ahead-of-time compile check of every Triton kernel, with no GPU needed.
+
+Compiles each kernel at every launch configuration its launcher can use (the modules'
+``aot_specs()``), for sm_80 and sm_90 and for bf16 / fp16 / fp32, with ``triton.compile`` and
+``GPUTarget("cuda", cc, 32)``; reads registers and spills from ``ptxas -v`` (the ptxas Triton
+ships) and shared memory from the compiled metadata. Writes
+``benchmarks/results/compile_report.json``: a list of
+``{kernel, arch, dtype, config, n_regs, n_spills, shared_bytes, ...}``.
+
+Exits non-zero on a compile error, or on spills in a default configuration.
+
+    python -m benchmarks.aot_compile            # or: python benchmarks/aot_compile.py
+    python -m benchmarks.aot_compile --arch 90 --kernel _ce_rows_kernel --out /tmp/r.json
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Compiling needs real JIT functions, not the interpreter's.
+os.environ.pop("TRITON_INTERPRET", None)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compile_report.json"
+ARCHS = (80, 90)
+
+
+def _kernel_modules():
+    """fastweight.kernels.{linear_ce, aggregation}; from the checkout if not installed."""
+    try:
+        from fastweight.kernels import aggregation, linear_ce
+    except ImportError:
+        import importlib.util
+        import types
+
+        sys.path.insert(0, str(ROOT))
+        import fastweight
+
+        pkg = types.ModuleType("fastweight.kernels")
+        pkg.__path__ = [str(ROOT / "kernels")]
+        sys.modules["fastweight.kernels"] = pkg
+        fastweight.kernels = pkg
+        mods = []
+        for name in ("aggregation", "linear_ce"):
+            spec = importlib.util.spec_from_file_location(f"fastweight.kernels.{name}", ROOT / "kernels" / f"{name}.py")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = mod
+            spec.loader.exec_module(mod)
+            mods.append(mod)
+        aggregation, linear_ce = mods
+    return linear_ce, aggregation
+
+
+def all_specs():
+    linear_ce, aggregation = _kernel_modules()
+    return linear_ce.aot_specs() + aggregation.aot_specs()
+
+
+def _ptxas() -> str:
+    import triton.backends.nvidia as nv
+
+    return str(Path(nv.__file__).parent / "bin" / "ptxas")
+
+
+def _resources(ptx: str) -> dict:
+    target = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([_ptxas(), "-v", f"-arch={target}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                              capture_output=True, text=True, check=True)
+    text = proc.stdout + proc.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    stack = re.search(r"(\d+) bytes stack frame", text)
+    stores, loads = (int(spill.group(1)), int(spill.group(2))) if spill else (0, 0)
+    return {"n_regs": int(regs.group(1)) if regs else None, "n_spills": stores + loads,
+            "spill_store_bytes": stores, "spill_load_bytes": loads,
+            "stack_bytes": int(stack.group(1)) if stack else 0, "ptx_target": target}
+
+
+def compile_one(index: int, arch: int) -> dict:
+    """Compile spec ``index`` for sm_``arch``; a record (with ``error`` on failure)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = all_specs()[index]
+    rec = {"kernel": spec["kernel"], "arch": f"sm_{arch}", "dtype": spec["dtype"], "variant": spec["variant"],
+           "config": spec["config"], "default": spec["default"]}
+    t0 = time.perf_counter()
+    try:
+        fn = spec["fn"]
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.get("divisible_by_16", ())}
+        src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
+        rec["shared_bytes"] = int(compiled.metadata.shared)
+        rec.update(_resources(compiled.asm["ptx"]))
+    except Exception as exc:  # noqa: BLE001 - reported, and makes the run fail
+        rec.update({"n_regs": None, "n_spills": None, "shared_bytes": None,
+                    "error": f"{type(exc).__name__}: {exc}"[:2000]})
+    rec["compile_s"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
+    ap.add_argument("--kernel", action="append", help="only these kernel names (repeatable)")
+    ap.add_argument("--dtype", action="append", help="only these dtypes: bf16, fp16, fp32 (repeatable)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    specs = all_specs()
+    archs = args.arch or list(ARCHS)
+    tasks = [(i, a) for i, s in enumerate(specs) for a in archs
+             if (not args.kernel or s["kernel"] in args.kernel) and (not args.dtype or s["dtype"] in args.dtype)]
+    if not tasks:
+        print("aot_compile: nothing selected", file=sys.stderr)
+        return 2
+    if args.jobs > 1 and len(tasks) > 1:
+        with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            records = list(pool.map(compile_one, *zip(*tasks)))
+    else:
+        records = [compile_one(i, a) for i, a in tasks]
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(records, indent=1) + "\n")
+    errors = [r for r in records if "error" in r]
+    spills = [r for r in records if r["default"] and r.get("n_spills")]
+    for r in records:
+        status = "ERROR" if "error" in r else ("SPILL" if r.get("n_spills") else "ok")
+        print(f"{status:5} {r['arch']} {r['kernel']:32} {r['dtype']:4} {r['variant']:28} "
+              f"regs={r.get('n_regs')} spills={r.get('n_spills')} smem={r.get('shared_bytes')} ({r['compile_s']}s)")
+    for r in errors:
+        print(f"compile error: {r['kernel']} {r['arch']} {r['dtype']} {r['variant']}: {r['error']}", file=sys.stderr)
+    print(f"aot_compile: {len(records)} compiles, {len(errors)} errors, {len(spills)} default configs spilling, "
+          f"{time.perf_counter() - t0:.1f}s; report: {args.out}")
+    return 1 if errors or spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from fastweight.cli import main
+
+sys.exit(main())

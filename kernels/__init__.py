@@ -1,0 +1,1 @@
+"""Triton kernels of fastweight, installed as ``fastweight.kernels``."""

@@ -1,0 +1,257 @@
+"""The Triton linear-CE backend (fastweight.kernels.linear_ce) against the float64 reference.
+
+On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (set here and in conftest.py
+before triton is imported), with fp32 and fp16 at small odd shapes; bf16 needs a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from conftest import assert_close_to_ref  # noqa: E402
+
+from fastweight.kernels import aggregation as KA  # noqa: E402
+from fastweight.kernels import linear_ce as K  # noqa: E402
+from fastweight.linear_ce_reference import token_losses  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+N, D, V = 37, 29, 203
+# Several vocabulary tiles with a ragged last one, and a ragged last row block.
+SMALL = {"BLOCK_M": 2, "BLOCK_V": 64}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """NaN-fill every buffer the launchers allocate: an element a kernel forgets shows up."""
+    monkeypatch.setattr(K, "POISON", True)
+    monkeypatch.setattr(KA, "POISON", True)
+
+
+def make(n=N, d=D, v=V, dtype=torch.float32, bias=False, seed=0, ignore=0.2, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) * (scale / d ** 0.5)
+    b = torch.randn(v, generator=g) * 0.5 if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    t[torch.rand(n, generator=g) < ignore] = -1
+    # Non-uniform coefficients of both signs (an upstream gradient can be negative); 0 if ignored.
+    c = (torch.rand(n, generator=g) * 2 - 0.5) * (t >= 0)
+    mv = lambda a: None if a is None else a.to(DEVICE, dtype)  # noqa: E731
+    return mv(x), mv(w), mv(b), t.to(DEVICE), c.to(DEVICE, torch.float32)
+
+
+def lse_of(x, w, b, softcap):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = torch.nn.functional.linear(x, w, b).to(acc)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.logsumexp(z, -1)
+
+
+def reference(x, w, b, t, c, softcap, ls, dtype):
+    """(loss, lse, dx, dw, db) of sum_t c_t l_t by autograd on materialised logits in ``dtype``."""
+    xs, ws = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+    bs = b.detach().to(dtype).requires_grad_() if b is not None else None
+    loss = token_losses(xs, ws, bs, t, softcap=softcap, label_smoothing=ls)
+    (loss * c.to(loss.dtype)).sum().backward()
+    with torch.no_grad():
+        lse = lse_of(xs, ws, bs, softcap)
+    return loss.detach(), lse, xs.grad, ws.grad, None if bs is None else bs.grad
+
+
+def check(name, fast, x, ref64, naive, atol=None):
+    assert fast.dtype == x.dtype if name in ("dx", "dw", "db") else fast.dtype == torch.float32, name
+    assert_close_to_ref(fast.cpu(), ref64.cpu(), naive.cpu(), atol=atol, name=name)
+
+
+def logit_atol(x, w, b, softcap):
+    """A 16-bit logit is one rounding away from exact. On a GPU, two GEMMs of other shapes (a
+    chunk of rows vs all of them) may accumulate in another order and round one logit to the
+    neighbouring value, so losses get one ulp of the largest logit on top of the rule."""
+    z = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    zmax = z.abs().max().item()
+    if softcap is not None:
+        zmax = min(zmax, softcap)
+    return 2 * torch.finfo(x.dtype).eps * zmax
+
+
+def check_all(out, refs, names, x, valid=None, atol=None, logits=None):
+    """Check outputs ``names`` against (ref64, naive). ``logits`` = (w, b, softcap) widens the
+    loss/lse tolerance by one logit ulp for 16-bit inputs on a GPU (see logit_atol)."""
+    ref64, naive = refs
+    atol = dict(atol or {})
+    if logits is not None and DEVICE == "cuda" and x.dtype in (torch.float16, torch.bfloat16):
+        a = logit_atol(x, *logits)
+        for k in ("loss", "lse"):
+            atol.setdefault(k, a)
+    for name, fast in zip(names, out):
+        i = ("loss", "lse", "dx", "dw", "db").index(name)
+        r, nv = ref64[i], naive[i]
+        if name == "lse":  # lse is only defined (and only used) at counted tokens
+            v = valid.cpu()
+            fast, r, nv = fast.cpu()[v], r.cpu()[v], nv.cpu()[v]
+        if fast is None:
+            assert r is None, name
+            continue
+        check(name, fast, x, r, nv, atol.get(name))
+
+
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
+@pytest.mark.parametrize("ls", [0.0, 0.1], ids=["ls0", "ls.1"])
+def test_forward_backward_every_option(dtype, bias, softcap, ls):
+    x, w, b, t, c = make(dtype=dtype, bias=bias, seed=1 + 2 * bias + 4 * (softcap is not None) + 8 * (ls > 0))
+    refs = (reference(x, w, b, t, c, softcap, ls, torch.float64), reference(x, w, b, t, c, softcap, ls, dtype))
+    loss, dx, dw, db = K.forward_backward(x, w, b, t, c, softcap=softcap, label_smoothing=ls, config=SMALL)
+    check_all((loss, dx, dw, db), refs, ("loss", "dx", "dw", "db"), x, logits=(w, b, softcap))
+    assert (loss[t < 0] == 0).all()
+    assert (db is None) == (b is None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("feats", [False, True], ids=["plain", "bias+cap+ls"])
+@pytest.mark.parametrize("chunk", [None, 11], ids=["one-chunk", "chunks-of-11"])
+def test_forward_then_backward_with_saved_lse(dtype, feats, chunk):
+    """The none/sequence path: forward (loss, lse), then backward with a non-uniform upstream."""
+    softcap, ls = (2.5, 0.2) if feats else (None, 0.0)
+    x, w, b, t, c = make(dtype=dtype, bias=feats, seed=7 + feats)
+    valid = (t >= 0).cpu()
+    refs = (reference(x, w, b, t, c, softcap, ls, torch.float64), reference(x, w, b, t, c, softcap, ls, dtype))
+    loss, lse = K.forward(x, w, b, t, softcap=softcap, label_smoothing=ls, config=SMALL, chunk_tokens=chunk)
+    check_all((loss, lse), refs, ("loss", "lse"), x, valid, logits=(w, b, softcap))
+    assert (lse[t < 0] == 0).all() and (loss[t < 0] == 0).all()
+    dx, dw, db = K.backward(x, w, b, t, c, lse, softcap=softcap, label_smoothing=ls, config=SMALL,
+                            chunk_tokens=chunk)
+    check_all((dx, dw, db), refs, ("dx", "dw", "db"), x)
+    # Without the saved lse the kernel recomputes it: same gradients.
+    dx2, dw2, db2 = K.backward(x, w, b, t, c, None, softcap=softcap, label_smoothing=ls, config=SMALL,
+                               chunk_tokens=chunk)
+    check_all((dx2, dw2, db2), refs, ("dx", "dw", "db"), x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("fp32_acc", [True, False], ids=["dw-fp32-acc", "dw-out-dtype-acc"])
+def test_multi_chunk_weight_gradient(dtype, fp32_acc):
+    x, w, b, t, c = make(n=41, dtype=dtype, bias=True, seed=3)
+    refs = (reference(x, w, b, t, c, None, 0.0, torch.float64), reference(x, w, b, t, c, None, 0.0, dtype))
+    out = K.forward_backward(x, w, b, t, c, config=SMALL, chunk_tokens=9, dw_fp32_acc=fp32_acc)
+    check_all(out, refs, ("loss", "dx", "dw", "db"), x, logits=(w, b, None))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_default_launch_config(dtype):
+    """The production block sizes (one ragged vocabulary tile here) and the default chunking."""
+    x, w, b, t, c = make(n=13, dtype=dtype, bias=True, seed=11)
+    refs = (reference(x, w, b, t, c, 4.0, 0.05, torch.float64), reference(x, w, b, t, c, 4.0, 0.05, dtype))
+    out = K.forward_backward(x, w, b, t, c, softcap=4.0, label_smoothing=0.05)
+    check_all(out, refs, ("loss", "dx", "dw", "db"), x, logits=(w, b, 4.0))
+
+
+def test_softcap_saturates_without_nan():
+    """Large logits: tanh saturates to +-1, the capped softmax stays finite."""
+    x, w, b, t, c = make(dtype=torch.float32, seed=5, scale=200.0)
+    refs = (reference(x, w, b, t, c, 5.0, 0.1, torch.float64), reference(x, w, b, t, c, 5.0, 0.1, torch.float32))
+    out = K.forward_backward(x, w, b, t, c, softcap=5.0, label_smoothing=0.1, config=SMALL)
+    check_all(out, refs, ("loss", "dx", "dw", "db"), x)
+
+
+def test_all_ignored_and_empty():
+    x, w, b, t, c = make(n=9, bias=True, seed=2)
+    t[:] = -1
+    c.zero_()
+    loss, dx, dw, db = K.forward_backward(x, w, b, t, c, config=SMALL, chunk_tokens=4)
+    assert (loss == 0).all() and (dx == 0).all() and (dw == 0).all() and (db == 0).all()
+    e = x[:0]
+    loss, dx, dw, db = K.forward_backward(e, w, b, t[:0], c[:0])
+    assert loss.shape == (0,) and dx.shape == (0, D) and (dw == 0).all() and (db == 0).all()
+    loss, lse = K.forward(e, w, b, t[:0])
+    assert loss.shape == lse.shape == (0,)
+
+
+def test_extra_kwargs_are_ignored():
+    x, w, b, t, c = make(n=5, seed=4)
+    loss, lse = K.forward(x, w, b, t, chunk_bytes=1 << 20, something_else=3)
+    loss2, _ = K.forward(x, w, b, t, config=SMALL)
+    torch.testing.assert_close(loss, loss2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_sequence_forward(dtype):
+    x, w, b, t, _ = make(n=40, dtype=dtype, bias=True, seed=9)
+    cu = torch.tensor([0, 7, 7, 19, 22, 40], device=DEVICE)
+    t[19:22] = -1  # a sample with no valid token: mean 0, not NaN
+    means = K.sequence_forward(x, w, b, t, cu, softcap=3.0, label_smoothing=0.1, config=SMALL, chunk_tokens=16)
+    assert means.dtype == torch.float32 and means.shape == (5,)
+
+    def seq_ref(dt):
+        tok = token_losses(x.to(dt), w.to(dt), b.to(dt), t, softcap=3.0, label_smoothing=0.1).detach()
+        valid = t >= 0
+        out = []
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            n = int(valid[s:e].sum())
+            out.append(tok[s:e].sum() / n if n else tok.new_zeros(()))
+        return torch.stack(out)
+
+    assert_close_to_ref(means.cpu(), seq_ref(torch.float64).cpu(), seq_ref(dtype).cpu(), name="means")
+    assert means[1] == 0 and means[3] == 0
+    with torch.no_grad():
+        assert K.sequence_forward(x, w, b, t, cu[:1]).shape == (0,)
+
+
+def test_chunk_rows_plan():
+    assert K._chunk_rows(8192, 256000, 2, None) % 128 == 0
+    rows = K._chunk_rows(8192, 256000, 2, None)
+    assert rows * 256000 * 2 <= K.DEFAULT_CHUNK_BYTES
+    assert K._chunk_rows(10, 100, 4, None) == 10
+    assert K._chunk_rows(10, 100, 4, 3) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16: the interpreter's bf16 arithmetic is broken, so these need a GPU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("feats", [False, True], ids=["plain", "bias+cap+ls"])
+@pytest.mark.parametrize("chunk", [None, 300], ids=["one-chunk", "chunks"])
+def test_bf16_forward_backward(feats, chunk):
+    softcap, ls = (30.0, 0.1) if feats else (None, 0.0)
+    x, w, b, t, c = make(n=1001, d=257, v=5003, dtype=torch.bfloat16, bias=feats, seed=21, scale=8.0)
+    refs = (reference(x, w, b, t, c, softcap, ls, torch.float64),
+            reference(x, w, b, t, c, softcap, ls, torch.bfloat16))
+    a = logit_atol(x, w, b, softcap)
+    out = K.forward_backward(x, w, b, t, c, softcap=softcap, label_smoothing=ls, chunk_tokens=chunk)
+    check_all(out, refs, ("loss", "dx", "dw", "db"), x, atol={"loss": a})
+    loss, lse = K.forward(x, w, b, t, softcap=softcap, label_smoothing=ls, chunk_tokens=chunk)
+    check_all((loss, lse), refs, ("loss", "lse"), x, (t >= 0).cpu(), atol={"loss": a, "lse": a})
+    grads = K.backward(x, w, b, t, c, lse, softcap=softcap, label_smoothing=ls, chunk_tokens=chunk)
+    check_all(grads, refs, ("dx", "dw", "db"), x)
+
+
+@pytest.mark.gpu
+def test_bf16_weight_gradient_accumulated_in_bf16():
+    """The large-head path: dW summed over 4 chunks by addmm in bf16 (one rounding per chunk)."""
+    x, w, b, t, c = make(n=1001, d=257, v=5003, dtype=torch.bfloat16, seed=23, scale=8.0)
+    refs = (reference(x, w, b, t, c, None, 0.0, torch.float64), reference(x, w, b, t, c, None, 0.0, torch.bfloat16))
+    out = K.forward_backward(x, w, b, t, c, chunk_tokens=256, dw_fp32_acc=False)
+    dw_atol = 4 * torch.finfo(torch.bfloat16).eps * refs[0][3].abs().max().item()
+    check_all(out, refs, ("loss", "dx", "dw"), x, atol={"loss": logit_atol(x, w, b, None), "dw": dw_atol})
+
+
+@pytest.mark.gpu
+def test_bf16_sequence_forward():
+    x, w, b, t, _ = make(n=777, d=129, v=3001, dtype=torch.bfloat16, seed=22, scale=8.0)
+    cu = torch.tensor([0, 100, 100, 500, 777], device=DEVICE)
+    means = K.sequence_forward(x, w, b, t, cu, softcap=30.0)
+    tok = token_losses(x.double(), w.double(), None, t, softcap=30.0)
+    valid = t >= 0
+    ref = torch.stack([tok[s:e].sum() / max(int(valid[s:e].sum()), 1)
+                       for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    torch.testing.assert_close(means.double(), ref, atol=2e-2, rtol=1e-2)

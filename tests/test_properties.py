@@ -1,0 +1,52 @@
+"""Hypothesis: random shapes, masks, packings, weights and chunk sizes against the float64 truth."""
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastweight as fw
+from helpers import expected
+
+
+@st.composite
+def packed_batches(draw):
+    lengths = draw(st.lists(st.integers(0, 9), min_size=1, max_size=5))
+    n = sum(lengths)
+    d = draw(st.integers(1, 7))
+    v = draw(st.integers(2, 23))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, v, (n,), generator=g)
+    mask = torch.rand(n, generator=g) < draw(st.floats(0.0, 1.0))
+    labels[mask] = -100
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=g, dtype=torch.float64)
+    sw = torch.rand(len(lengths), generator=g, dtype=torch.float64) * draw(st.sampled_from([0.0, 1.0, 100.0]))
+    tw = torch.rand(n, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
+    opts = dict(shift=draw(st.booleans()), sample_reduction=draw(st.sampled_from(["token", "mean"])),
+                softcap=draw(st.sampled_from([None, 1.5])), label_smoothing=draw(st.sampled_from([0.0, 0.2])))
+    return hidden, weight, labels, cu, sw, tw, opts, draw(st.integers(1, 4))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(packed_batches(), st.sampled_from(["mean", "sum", "none", "sequence"]))
+def test_random_packed_batches(batch, reduction):
+    hidden, weight, labels, cu, sw, tw, opts, chunk = batch
+    weighted = reduction in ("mean", "sum")
+    kw = dict(opts, cu_seqlens=cu, reduction=reduction,
+              token_weights=tw if weighted else None)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = fw.weighted_ce(h, w, labels, sw if weighted else None, impl="torch",
+                         chunk_bytes=chunk * 8 * weight.shape[0], **kw)
+    he = hidden.clone().requires_grad_()
+    we = weight.clone().requires_grad_()
+    ref = expected(he, we, labels, sw if weighted else None, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    up = torch.randn(out.shape, dtype=torch.float64)
+    g_fast = torch.autograd.grad(out, (h, w), up)
+    g_ref = torch.autograd.grad(ref, (he, we), up, allow_unused=True)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-9, atol=1e-10)
