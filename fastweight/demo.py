@@ -77,7 +77,7 @@ def _answer_metrics(model, tokenizer, rows) -> dict:
 
 def _model_config(vocab_size: int, quick: bool):
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64 if quick else 128, intermediate_size=192 if quick else 384,
                        num_hidden_layers=2 if quick else 4, num_attention_heads=4,
                        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -97,8 +97,8 @@ def run_demo(out: str = "fastweight-demo", *, quick: bool = False, seed: int = 0
     outp = Path(out)
     work = outp / "work"
     work.mkdir(parents=True, exist_ok=True)
-    pretrain_steps = pretrain_steps or (120 if quick else 600)
-    finetune_steps = finetune_steps or (30 if quick else 150)
+    pretrain_steps = pretrain_steps or (60 if quick else 500)
+    finetune_steps = finetune_steps or (15 if quick else 100)
 
     # 1. tokenizer + model from a config
     tokenizer = build_tokenizer()
