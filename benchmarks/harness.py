@@ -454,14 +454,14 @@ def _proc_status_kib(field: str) -> int | None:
         return None
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     kib = _proc_status_kib("VmRSS")
     if kib is not None:
         return kib * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # best effort
 
 
-def _reset_hwm() -> bool:
+def reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -470,7 +470,7 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _hwm_bytes() -> int:
+def hwm_bytes() -> int:
     kib = _proc_status_kib("VmHWM")
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return (kib if kib is not None else ru) * 1024
@@ -526,11 +526,11 @@ def measure_peak_memory_inprocess(case: Case, op: str, impl: str, device="cpu") 
         peak, loss = cuda_peak_bytes(fn)
         method = CUDA_MEM_METHOD
     else:
-        reset = _reset_hwm()
-        base = _rss_bytes()
-        hwm_before = _hwm_bytes()
+        reset = reset_hwm()
+        base = rss_bytes()
+        hwm_before = hwm_bytes()
         loss = fn()
-        peak = _hwm_bytes() - (base if reset else max(base, hwm_before))
+        peak = hwm_bytes() - (base if reset else max(base, hwm_before))
         method = ("VmHWM (reset via clear_refs) - RSS after inputs" if reset
                   else "ru_maxrss - max(RSS, earlier high-water mark)")
     return {"peak_mem_mib": peak / _MIB, "loss": float(loss.float().sum()), "mem_method": method,

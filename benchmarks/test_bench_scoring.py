@@ -30,6 +30,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import harness
+
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # CPU: 8 x 384 tokens through a 2-layer D=256 Llama; GPU: a bigger batch, bf16.
@@ -124,34 +126,7 @@ def _head_floor_s(N: int, D: int, V: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# peak memory, one case per process
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _hwm() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# peak memory, one case per process (the probes are the suite's, in benchmarks.harness)
 
 
 def measure_memory_here(case: str) -> dict:
@@ -167,11 +142,11 @@ def measure_memory_here(case: str) -> dict:
         return {"peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20,
                 "method": "cuda max_memory_allocated - allocated after inputs",
                 "loss_sum": float(out.sum())}
-    reset = _reset_hwm()
-    base = _rss()
+    reset = harness.reset_hwm()
+    base = harness.rss_bytes()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = CASES[case](model, ids, labels, mask)
-    peak = _hwm() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = harness.hwm_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     floor = base if reset else max(base, before)
     return {"peak_mib": (peak - floor) / 2**20,
             "method": "VmHWM (reset by clear_refs) - RSS after build" if reset

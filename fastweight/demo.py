@@ -77,7 +77,8 @@ def _answer_metrics(model, tokenizer, rows) -> dict:
 
 def _model_config(vocab_size: int, quick: bool):
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64 if quick else 128, intermediate_size=192 if quick else 384,
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64 if quick else 128,
+                       intermediate_size=192 if quick else 384,
                        num_hidden_layers=2 if quick else 4, num_attention_heads=4,
                        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
