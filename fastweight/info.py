@@ -38,8 +38,3 @@ def run(args: argparse.Namespace) -> int:
     for op, dev, name, why in rows:
         print(f"{op:<{widths[0]}}  {dev:<{widths[1]}}  {name:<{widths[2]}}  {why}")
     return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("info", help="show which backend each op uses, and why")
-    p.set_defaults(func=run)

@@ -13,6 +13,7 @@ def test_demo_quick(tmp_path):
     assert time.time() - t < 120
     assert "FLOW - standard" in r.stdout and "standard" in r.stdout
     res = json.loads((out / "results.json").read_text())
-    assert set(res["table"]) == {"pre-trained", "standard", "FLOW"}
+    assert set(res["table"]) == {"pre-trained", "standard", "FLOW", "FLOW mean-norm"}
+    assert set(res["clipped_steps"]) == {"standard", "FLOW", "FLOW mean-norm"}
     assert (out / "demo.png").stat().st_size > 1000
     assert (out / "results.txt").exists()

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hf_fixtures import make_model, make_rows, make_tokenizer, save_pretrained, write_jsonl  # noqa: E402
 
 from fastweight.cli import main as cli  # noqa: E402
-from fastweight.train import TrainConfig, train  # noqa: E402
+from fastweight.training import TrainConfig, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def _cfg(setup, out, **kw):
 
 
 def _losses(summary):
-    return [r["loss"] for r in summary["history"] if "loss" in r]
+    return [r["loss_weighted"] for r in summary["history"] if "loss_weighted" in r]
 
 
 def test_loss_drops(setup):
@@ -45,7 +45,7 @@ def test_loss_drops(setup):
     out = Path(s["out"])
     assert (out / "curves.png").exists() and (out / "final" / "model.safetensors").exists()
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(recs[1])
+    assert {"loss_weighted", "loss_unweighted", "lr", "grad_norm", "clipped", "tokens_per_s"} <= set(recs[1])
 
 
 def test_resume_equals_uninterrupted(setup):
@@ -131,7 +131,7 @@ def test_ddp_two_processes_match_single(setup):
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    ddp = [x["loss"] for x in recs if "loss" in x]
+    ddp = [x["loss_weighted"] for x in recs if "loss_weighted" in x]
     torch.testing.assert_close(ddp, _losses(single), rtol=1e-4, atol=1e-5)
 
 
