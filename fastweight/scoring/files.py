@@ -65,16 +65,15 @@ def read_scores(path, expect_fingerprint: str | None = None,
     if metadata.get("format") != SCORES_FORMAT or missing:
         raise ValueError(f"{str(path)!r} is not a fastweight scores file (format "
                          f"{metadata.get('format')!r}, missing tensors {sorted(missing)})")
-    if expect_fingerprint is not None and metadata.get("data_fingerprint") != expect_fingerprint:
-        raise ScoresMismatchError(
-            f"{str(path)!r} was scored on another dataset: its fingerprint is "
-            f"{metadata.get('data_fingerprint', '?')[:16]}…, this dataset's is "
-            f"{expect_fingerprint[:16]}… (scored data: {metadata.get('data_path', '?')}). "
-            "Rerun `fastweight score` on this data.")
-    if expect_model_hash is not None and metadata.get("model_hash") != expect_model_hash:
-        raise ScoresMismatchError(
-            f"{str(path)!r} was scored with another model: its model hash is "
-            f"{metadata.get('model_hash', '?')[:16]}…, this model's is {expect_model_hash[:16]}… "
-            f"(scored with: {metadata.get('model', '?')}). Score with the pre-trained model you "
-            "fine-tune.")
+    checks = (  # (metadata key, expected value, what differs, source key, advice)
+        ("data_fingerprint", expect_fingerprint, "dataset", "data_path",
+         "Rerun `fastweight score` on this data."),
+        ("model_hash", expect_model_hash, "model", "model",
+         "Score with the pre-trained model you fine-tune."))
+    for key, expected, what, source, advice in checks:
+        found = metadata.get(key)
+        if expected is not None and found != expected:
+            raise ScoresMismatchError(
+                f"{str(path)!r} was scored with another {what}: its {key} is {(found or '?')[:16]}…, "
+                f"this {what}'s is {expected[:16]}… (scored: {metadata.get(source, '?')}). {advice}")
     return {**tensors, "metadata": metadata}

@@ -85,10 +85,13 @@ def train(config: TrainConfig) -> dict:
     ``final_dir``, ``out``, ``model`` and ``tokenizer``.
     """
     validate(config)
-    device = pick_device(config.device, Distributed.environment().local_rank)
+    environment = Distributed.environment()
+    # Decided first, so that third-party bars are off before anything loads.
+    progress = show_progress(config.progress and environment.is_main)
+    device = pick_device(config.device, environment.local_rank)
     distributed = Distributed.start(device)
     try:
-        return _train(_prepare(config, distributed, device))
+        return _train(_prepare(config, distributed, device), progress)
     finally:
         distributed.close()
 
@@ -154,7 +157,7 @@ def _resume(run: _Run) -> tuple[int, Path | None]:
     return int(state["step"]), found
 
 
-def _train(run: _Run) -> dict:
+def _train(run: _Run, progress: bool) -> dict:
     config, distributed = run.config, run.distributed
     start, resumed_from = _resume(run)
     metrics = MetricsLog(run.out / METRICS_FILE, distributed.is_main,
@@ -164,7 +167,7 @@ def _train(run: _Run) -> dict:
     if distributed.is_main:
         _announce(run, resumed_from)
     bar = None
-    if distributed.is_main and show_progress(config.progress):
+    if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=run.total_steps, initial=start, desc=f"train ({config.weighting})",
                    dynamic_ncols=True)
