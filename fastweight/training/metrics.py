@@ -71,7 +71,8 @@ def _series(records: list[dict]) -> list[tuple[str, list[tuple[str, list, list]]
                        ("train, unweighted token mean", x, [r["loss_unweighted"] for r in steps])]
     for key in sorted({k for r in evals for k in r if k.startswith("eval_")}):
         points = [(r["step"], r[key]) for r in evals if key in r]
-        loss_lines.append((key.removeprefix("eval_").replace("_", " "), *map(list, zip(*points))))
+        name = key.removeprefix("eval_").removesuffix("_loss")
+        loss_lines.append((f"eval, {name} (unweighted)", *map(list, zip(*points))))
     panels = [("loss", loss_lines)] if loss_lines else []
     if steps:
         x = [r["step"] for r in steps]
@@ -87,6 +88,7 @@ def draw_curves(records: list[dict], title: str = ""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = _series(records)
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.4 * max(1, len(panels)), 3.6),
@@ -96,6 +98,7 @@ def draw_curves(records: list[dict], title: str = ""):
             axis.plot(x, y, marker="o", markersize=4 if len(x) <= 50 else 0, label=label)
         axis.set_title(panel_title)
         axis.set_xlabel("step")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 0.96 ... 1.04
         if len(lines) > 1:
             axis.legend(fontsize=7)
     if title:
