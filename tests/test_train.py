@@ -189,7 +189,12 @@ def test_summary_is_smoothed_and_labelled(setup, capsys):
     capsys.readouterr()
     assert cli(["train", "--model", mp, "--data", dp, "--scores", sp, "--out", str(d / "smooth_cli"),
                 "--steps", "3", "--batch-tokens", "128", "--lr", "3e-3", "--no-progress"]) == 0
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    line = json.loads(captured.out.strip().splitlines()[-1])
+    report = captured.err.strip().splitlines()[-1]
+    assert re.search(r"train loss over the last 3 steps: weighted \d\.\d{4}, unweighted \d\.\d{4}", report)
+    assert f"weighted {line['train_loss_weighted']:.4f}" in report
+    assert f"target eval loss {line['eval_target_loss_before']:.4f} -> {line['eval_target_loss']:.4f}" in report
     for key in ("train_loss_weighted", "train_loss_unweighted", "clipped_steps",
                 "eval_target_loss", "eval_target_loss_before"):
         assert isinstance(line[key], (int, float)), key

@@ -271,10 +271,30 @@ def _announce(run: _Run, resumed_from: Path | None) -> None:
         print(f"[fastweight train] {warning}", file=sys.stderr)
 
 
+def _final_report(summary: dict) -> str:
+    """The human-readable end of a run: smoothed train losses, eval before -> after, clipping."""
+    parts = [f"{summary['steps']} of {summary['total_steps']} steps"]
+    train_losses = summary["train"]
+    if train_losses.get("logged_steps"):
+        parts.append(f"train loss over the last {train_losses['smoothed_over_steps']} steps: "
+                     f"weighted {train_losses['train_loss_weighted']:.4f}, "
+                     f"unweighted {train_losses['train_loss_unweighted']:.4f}")
+    before, after = summary["eval_before"] or {}, summary["eval"] or {}
+    for key in sorted(k for k in after if k.startswith("eval_")):
+        start = f"{before[key]:.4f} -> " if key in before else ""
+        parts.append(f"{key.removeprefix('eval_').removesuffix('_loss')} eval loss {start}{after[key]:.4f}")
+    if train_losses.get("logged_steps"):
+        parts.append(f"clipping fired on {train_losses['clipped_steps']} of "
+                     f"{train_losses['logged_steps']} steps")
+    return "[fastweight train] done: " + "; ".join(parts)
+
+
 def run_cli(args: argparse.Namespace) -> int:
-    """Entry point of ``fastweight train``: prints the summary as one JSON line on stdout."""
+    """Entry point of ``fastweight train``: a readable summary on stderr, and the same figures
+    as one JSON line on stdout (for scripts)."""
     summary = train(config_from_args(args))
     if Distributed.environment().is_main:
+        print(_final_report(summary), file=sys.stderr)
         before = summary["eval_before"] or {}
         after = {k: v for k, v in (summary["eval"] or {}).items() if k.startswith("eval_")}
         print(json.dumps({"steps": summary["steps"], "done": summary["done"], **summary["train"],
