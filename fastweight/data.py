@@ -147,8 +147,8 @@ def _eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def _ids(enc) -> list[int]:
-    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+def _ids(encoding) -> list[int]:
+    ids = encoding["input_ids"] if isinstance(encoding, dict) or hasattr(encoding, "keys") else encoding
     return list(ids)
 
 
@@ -252,7 +252,7 @@ def tokenize_rows(ds, tokenizer, *, fmt: str = "auto", prompt_field: str = "prom
                              "set tokenizer.chat_template or use prompt/response fields")
         eos = None
 
-    def one(row, idx):
+    def tokenize_one(row, index):
         try:
             if fmt == "prompt_response":
                 ids, labels = _prompt_response(tokenizer, row[prompt_field], row[response_field],
@@ -262,14 +262,14 @@ def tokenize_rows(ds, tokenizer, *, fmt: str = "auto", prompt_field: str = "prom
             else:
                 ids, labels = _messages(tokenizer, row[messages_field], ignore_index)
         except ValueError as exc:
-            raise ValueError(f"{source}, row {idx} (counting from 0): {exc}") from None
+            raise ValueError(f"{source}, row {index} (counting from 0): {exc}") from None
         truncated = max_length is not None and len(ids) > max_length
         if truncated:
             ids, labels = ids[:max_length], labels[:max_length]
-        return {"input_ids": ids, "labels": labels, "index": idx, "length": len(ids),
+        return {"input_ids": ids, "labels": labels, "index": index, "length": len(ids),
                 "truncated": truncated}
 
-    out = ds.map(one, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc,
+    out = ds.map(tokenize_one, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc,
                  desc="tokenizing", load_from_cache_file=False)
     num_truncated = int(sum(out["truncated"]))
     out = out.remove_columns("truncated")

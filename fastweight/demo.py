@@ -148,7 +148,7 @@ def run_demo(out: str = DEFAULT_OUT, *, quick: bool = False, seed: int = 0,
         raise CommandError("the demo's `fastweight score` step failed (see the line above)")
     scores = read_scores(scores_path)
     groups = [r["group"] for r in task_rows]
-    w_by_group = {g: {"weight": float(scores["weight"][[i for i, x in enumerate(groups) if x == g]].mean()),
+    scores_by_group = {g: {"weight": float(scores["weight"][[i for i, x in enumerate(groups) if x == g]].mean()),
                       "loss": float(scores["loss"][[i for i, x in enumerate(groups) if x == g]].mean())}
                   for g in demo_data.GROUPS}
 
@@ -170,13 +170,13 @@ def run_demo(out: str = DEFAULT_OUT, *, quick: bool = False, seed: int = 0,
                          "history": [h for h in run["history"] if "loss_weighted" in h]}
     seconds = time.perf_counter() - started
 
-    table = _format_table(results, w_by_group, pretrain_steps, finetune_steps, finetune_lr, seconds)
+    table = _format_table(results, scores_by_group, pretrain_steps, finetune_steps, finetune_lr, seconds)
     if verbose:
         print(table)
     (out_path / "results.txt").write_text(table + "\n")
     summary = {"table": {k: {"general": v["general"], "task": v["task"]} for k, v in results.items()},
                "clipped_steps": {k: v["clipped_steps"] for k, v in results.items() if k in ARMS},
-               "scores_by_group": w_by_group, "mean_weight": float(scores["weight"].mean()),
+               "scores_by_group": scores_by_group, "mean_weight": float(scores["weight"].mean()),
                "seconds": seconds, "seed": seed, "quick": quick,
                "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps}
     (out_path / "results.json").write_text(json.dumps(summary, indent=1))
@@ -184,12 +184,12 @@ def run_demo(out: str = DEFAULT_OUT, *, quick: bool = False, seed: int = 0,
     return summary
 
 
-def _format_table(results, w_by_group, pre_steps, ft_steps, lr, seconds) -> str:
-    lines = [f"fastweight demo: {pre_steps} pre-training steps, {len(ARMS)} x {ft_steps} fine-tuning "
-             f"steps at lr {lr:g}",
+def _format_table(results, scores_by_group, pretrain_steps, finetune_steps, lr, seconds) -> str:
+    lines = [f"fastweight demo: {pretrain_steps} pre-training steps, {len(ARMS)} x {finetune_steps} "
+             f"fine-tuning steps at lr {lr:g}",
              "",
              "FLOW weights from the pre-trained model (mean per group of the task):",
-             *[f"  {g:5s} pre-trained loss {v['loss']:.3f}  weight {v['weight']:.3f}" for g, v in w_by_group.items()],
+             *[f"  {g:5s} pre-trained loss {v['loss']:.3f}  weight {v['weight']:.3f}" for g, v in scores_by_group.items()],
              "",
              "answer-token loss / exact-match accuracy"
              " (general = held-out facts of the pre-training corpus: forgetting)",
@@ -199,7 +199,7 @@ def _format_table(results, w_by_group, pre_steps, ft_steps, lr, seconds) -> str:
         cells = [f"{r['general']['all']['loss']:6.3f} / {r['general']['all']['acc']:5.1%}"]
         for g in ["all", *demo_data.GROUPS]:
             cells.append(f"{r['task'][g]['loss']:6.3f} / {r['task'][g]['acc']:5.1%}")
-        clipped = f"  {r['clipped_steps']:>3d} of {ft_steps}" if "clipped_steps" in r else ""
+        clipped = f"  {r['clipped_steps']:>3d} of {finetune_steps}" if "clipped_steps" in r else ""
         lines.append(f"{name:15s} " + " ".join(f"{c:>15s}" for c in cells) + clipped)
     standard = results["standard"]
     lines.append("")
