@@ -138,7 +138,8 @@ def load_model_and_tokenizer(model_path: str, device: torch.device, dtype: torch
 
     for flag, path in (("--model", model_path), ("--tokenizer", tokenizer_path)):
         if path is not None and looks_local(path) and not Path(path).expanduser().is_dir():
-            raise ValueError(f"{flag} {path!r}: no such folder")
+            what = "not a folder" if Path(path).expanduser().exists() else "no such folder"
+            raise ValueError(f"{flag} {path!r}: {what}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
         try:

@@ -148,6 +148,9 @@ def test_local_model_path_never_asks_the_hub(files, tmp_path, monkeypatch, capsy
                      str(tmp_path / "s.safetensors"), "--quiet"]) == 1
         assert "no such folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    assert main(["score", "--model", files["data"], "--data", files["data"], "--out",
+                 str(tmp_path / "s.safetensors"), "--quiet"]) == 1
+    assert "not a folder" in capsys.readouterr().err
 
 
 def test_usage_and_runtime_statuses(files, tmp_path, capsys):

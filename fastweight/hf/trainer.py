@@ -86,7 +86,7 @@ class FlowTrainer(Trainer):
         if normalization == "none":
             return 1.0
         dataset = self.train_dataset
-        if normalization != "mean" or WEIGHT_COLUMN not in getattr(dataset, "column_names", ()):
+        if normalization != "mean" or WEIGHT_COLUMN not in (getattr(dataset, "column_names", None) or ()):
             raise ValueError(f"weight_normalization={normalization!r}: expected 'none', or 'mean' "
                              f"with a train_dataset that has a {WEIGHT_COLUMN!r} column")
         weights = torch.tensor(dataset[WEIGHT_COLUMN], dtype=torch.float64)
