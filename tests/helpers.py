@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from conftest import LinearCEFloors, logits_grad64
+
 
 def sample_ranges(layout: str, labels: torch.Tensor, cu_seqlens: torch.Tensor | None):
     if layout == "rows":
@@ -97,3 +99,22 @@ def random_batch(layout: str, *, B=3, T=9, D=13, V=37, dtype=torch.float32, igno
     b = torch.randn(V, generator=g) if bias else None
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return cast(hidden), cast(weight), labels, cu, cast(b)
+
+
+def weighted_ce_floors(hidden, weight, labels, kw, upstream, ref):
+    """(LinearCEFloors, the floor of the output ``ref``) of weighted_ce(hidden, weight, labels, **kw)
+    with ``upstream`` (None for a scalar): G by autograd through ``expected`` in float64 with the
+    logits as a leaf, then eps x the magnitudes of the terms of each output (conftest)."""
+    kw64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+    up = upstream.double() if upstream is not None else torch.ones(())
+    G = logits_grad64(lambda h, w: (expected(h, w, labels, **kw64) * up).sum(), hidden, weight)
+    floors = LinearCEFloors(hidden, weight, kw.get("bias"), G, kw.get("softcap"))
+    reduction = kw["reduction"]
+    if reduction == "none":
+        return floors, floors.token_losses(ref)
+    if reduction == "sequence":
+        return floors, floors.sequence_means(ref)
+    # sum_t c_t l_t with c_t >= 0 (the weights here are non-negative) and l_t >= 0 (cross-entropy,
+    # smoothed or not): sum_t |c_t l_t| = |ref|.
+    assert all((kw[k] >= 0).all() for k in ("sample_weights", "token_weights") if kw.get(k) is not None)
+    return floors, floors.loss_sum(ref, ref.abs())

@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastweight as fw
-from helpers import expected
+from conftest import assert_close_to_ref
+from helpers import expected, weighted_ce_floors
 
 
 @st.composite
@@ -44,9 +45,17 @@ def test_random_packed_batches(batch, reduction):
     he = hidden.clone().requires_grad_()
     we = weight.clone().requires_grad_()
     ref = expected(he, we, labels, sw if weighted else None, **kw)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    hn = hidden.clone().requires_grad_()
+    wn = weight.clone().requires_grad_()
+    naive = fw.weighted_ce(hn, wn, labels, sw if weighted else None, impl="reference", **kw)
     up = torch.randn(out.shape, dtype=torch.float64)
+    floors, out_floor = weighted_ce_floors(hidden, weight, labels, dict(kw, sample_weights=sw if weighted else None),
+                                           up if out.dim() else None, ref)
+    assert_close_to_ref(out, ref, naive, floor=out_floor, name="out")
     g_fast = torch.autograd.grad(out, (h, w), up)
     g_ref = torch.autograd.grad(ref, (he, we), up, allow_unused=True)
-    for a, b in zip(g_fast, g_ref):
-        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-9, atol=1e-10)
+    g_naive = torch.autograd.grad(naive, (hn, wn), up, allow_unused=True)
+    for name, a, b, n, floor in zip(("d_hidden", "d_weight"), g_fast, g_ref, g_naive, (floors.dx, floors.dw)):
+        b = b if b is not None else torch.zeros_like(a)
+        n = n if n is not None else torch.zeros_like(a)
+        assert_close_to_ref(a, b, n, floor=floor(b), name=name)

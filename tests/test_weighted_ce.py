@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fastweight as fw
-from conftest import LinearCEFloors, assert_close_to_ref, logits_grad64
-from helpers import expected, random_batch
+from conftest import assert_close_to_ref
+from helpers import expected, random_batch, weighted_ce_floors
 
 LAYOUTS = ["rows", "packed", "single"]
 # Option bundles: each exercises several options at once; together they cover every option.
@@ -74,7 +74,7 @@ def test_torch_path_matches_float64(bundle, layout, reduction, sample_reduction,
     fast, fast_grads = _run(fw.weighted_ce, hidden, weight, labels, fast_kw, upstream)
 
     assert fast.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    floors, out_floor = _floors(hidden, weight, labels, kw, upstream, ref)
+    floors, out_floor = weighted_ce_floors(hidden, weight, labels, kw, upstream, ref)
     assert_close_to_ref(fast, ref, naive, floor=out_floor, name="loss")
     # The reference path has no same-dtype baseline of its own: the floor alone bounds it.
     assert_close_to_ref(naive, ref, None, floor=out_floor, name="reference path")
@@ -82,24 +82,6 @@ def test_torch_path_matches_float64(bundle, layout, reduction, sample_reduction,
                                          (hidden, weight, kw.get("bias")), (floors.dx, floors.dw, floors.db)):
         assert f.dtype == src.dtype, f"{name} dtype {f.dtype} != {src.dtype}"
         assert_close_to_ref(f, r, n, floor=floor(r), name=name)
-
-
-def _floors(hidden, weight, labels, kw, upstream, ref):
-    """(LinearCEFloors, the output's floor) from the float64 by-the-book reference: G by autograd
-    with the logits as a leaf, then eps x the magnitudes of the terms of each output."""
-    kw64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
-    up = upstream.double() if upstream is not None else torch.ones(())
-    G = logits_grad64(lambda h, w: (expected(h, w, labels, **kw64) * up).sum(), hidden, weight)
-    floors = LinearCEFloors(hidden, weight, kw.get("bias"), G, kw.get("softcap"))
-    reduction = kw["reduction"]
-    if reduction == "none":
-        return floors, floors.token_losses(ref)
-    if reduction == "sequence":
-        return floors, floors.sequence_means(ref)
-    # sum_t c_t l_t with c_t >= 0 (the weights here are non-negative) and l_t >= 0 (cross-entropy,
-    # smoothed or not): sum_t |c_t l_t| = |ref|.
-    assert all((kw[k] >= 0).all() for k in ("sample_weights", "token_weights") if kw.get(k) is not None)
-    return floors, floors.loss_sum(ref, ref.abs())
 
 
 @pytest.mark.parametrize("num_items", [5, torch.tensor(17.0)])
@@ -112,7 +94,9 @@ def test_num_items_divides_the_sum(num_items, sample_reduction):
     mean = fw.weighted_ce(hidden, weight, labels, sw, num_items=num_items, **kw)
     torch.testing.assert_close(mean, total / float(num_items))
     ref = expected(hidden, weight, labels, sw, num_items=float(num_items), **kw)
-    torch.testing.assert_close(mean.double(), ref, rtol=1e-5, atol=1e-6)
+    _, floor = weighted_ce_floors(hidden, weight, labels, dict(kw, sample_weights=sw, reduction="mean",
+                                                               num_items=float(num_items)), None, ref)
+    assert_close_to_ref(mean, ref, None, floor=floor, name="mean with num_items")
 
 
 def test_gradient_accumulation_with_num_items_equals_one_batch():
