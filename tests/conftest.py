@@ -28,9 +28,12 @@ float64 logits gradient, from :func:`logits_grad64`):
 
     loss sum  sum_t c_t l_t :  N * eps * sum_t |c_t l_t|  +  2 eps(in) * sum |G * z|  +  eps(out)|ref|
     per-token loss / lse    :  (V + D) * eps * (|lse_t| + max_v |z_tv|)  +  2 eps(in) * max_v |z_tv|
-    dX = G @ W              :  (V + 4) * eps * (|G| @ |W|)
-    dW = G^T @ X            :  (N + 4) * eps * (|G|^T @ |X|)
-    db = sum_t G_t          :  (N + 4) * eps * sum_t |G_t|
+    dX = G @ W              :  (V + 4) * eps * (|G|_terms @ |W|)
+    dW = G^T @ X            :  (N + 4) * eps * (|G|_terms^T @ |X|)
+    db = sum_t G_t          :  (N + 4) * eps * sum_t |G_t|_terms
+
+|G|_terms = |c_t| (q + y) (1 + t^2) is the magnitude of the terms that form G = c (q - y) s
+(softmax q, targets y, softcap slope s = 1 - t^2): see LinearCEFloors.
 
 The "2 eps(in) |z|" terms are one rounding of each logit to the input dtype, which two correct
 GEMMs may place on different neighbours; to first order a loss moves by sum_v |dl/dz_v| |dz_v|.
@@ -189,27 +192,52 @@ class LinearCEFloors:
     stored in the accumulation dtype, gradients in the input dtype.
 
     ``x`` (N, D) or (..., D), ``weight`` (V, D), ``bias`` (V,) or None in the *input* dtype
-    (their dtype is the one the fast path ran in); ``G`` (N, V) from :func:`logits_grad64`.
+    (their dtype is the one the fast path ran in). ``objective(h, w, b) -> scalar`` is the float64
+    reference (sum_t c_t l_t, or an output times its upstream gradient); without it only the
+    loss floors are available.
+
+    The gradient floors use the magnitude of the terms that form G = c (q - y) s (softmax q,
+    target distribution y, softcap slope s = 1 - t^2), not |G|: |G| vanishes where they cancel
+    (q_y -> 1, or a saturated cap), and the rounding errors of the terms do not. The terms are
+        |G|_terms = |c| (q + y) (1 + t^2) <= (|c| (q + 1/V) + |c| onehot(y)) (1 + t^2).
+    |c_t| and onehot(y) come from G0, the same objective's G at all-zero logits (hidden = 0,
+    no bias), where q = 1/V and s = 1: G0_tv = c_t (1 - ls) (1/V - onehot_tv), so
+    |G0_tv| V / ((V - 1)(1 - ls)) is |c_t| at the target and |c_t| / (V - 1) elsewhere.
     """
 
-    def __init__(self, x, weight, bias, G=None, softcap=None, dtype=None):
+    def __init__(self, x, weight, bias, objective=None, softcap=None, label_smoothing=0.0, dtype=None):
         self.dtype = dtype or x.dtype
         self.acc = acc_dtype(self.dtype)
         self.x64 = x.detach().to(torch.float64).reshape(-1, x.shape[-1])
         self.w64 = weight.detach().to(torch.float64)
         self.N, self.D = self.x64.shape
         self.V = self.w64.shape[0]
-        # Without G only the loss floors that need no gradient are available.
-        self.G = (G.detach().to(torch.float64).to(self.x64.device) if G is not None
-                  else torch.full((self.N, self.V), float("nan"), dtype=torch.float64, device=self.x64.device))
         z = self.x64 @ self.w64.t()
         if bias is not None:
             z = z + bias.detach().to(torch.float64)
         self.z_raw = z                                            # the GEMM's output, rounded once
-        zc = softcap * torch.tanh(z / softcap) if softcap is not None else z
+        t = torch.tanh(z / softcap) if softcap is not None else torch.zeros_like(z)
+        zc = softcap * t if softcap is not None else z
         self.lse = torch.logsumexp(zc, -1) if self.V else torch.zeros(self.N, dtype=torch.float64)
         self.zmax = zc.abs().amax(-1) if self.V else torch.zeros(self.N, dtype=torch.float64)
         self.zraw_max = z.abs().amax(-1) if self.V else torch.zeros(self.N, dtype=torch.float64)
+        nan = torch.full((self.N, self.V), float("nan"), dtype=torch.float64, device=z.device)
+        self.G = self.G_terms = nan                               # NaN floors fail loudly if used
+        if objective is None:
+            return
+        b64 = None if bias is None else bias.detach().to(torch.float64)
+        self.G = logits_grad64(lambda h, w: objective(h, w, b64), x, weight).reshape(self.N, self.V)
+        G0 = logits_grad64(lambda h, w: objective(h, w, None), torch.zeros_like(x, dtype=torch.float64),
+                           weight).reshape(self.N, self.V)
+        if self.V < 2:  # one class: every loss is 0, so is G
+            self.G_terms = self.G.abs()
+            return
+        c_onehot = G0.abs() * self.V / ((self.V - 1) * (1 - label_smoothing))
+        c_abs = c_onehot.amax(-1, keepdim=True)
+        q = torch.softmax(zc, -1)
+        self.G_terms = (c_abs * (q + 1.0 / self.V) + c_onehot) * (1 + t * t)
+        # The probe must bound G itself, or the floors would rest on a wrong |c| or target.
+        assert (self.G.abs() <= self.G_terms * (1 + 1e-9) + 1e-300).all(), "G0 probe inconsistent with G"
 
     def _logit_rounding(self) -> torch.Tensor:
         """Per token: how far one rounding of each logit to the input dtype moves a loss, to first
@@ -238,17 +266,17 @@ class LinearCEFloors:
         return rounding_floor(ref, ref.detach().double().abs(), max(self.N, 1), self.dtype) + tok
 
     def dx(self, ref: torch.Tensor) -> torch.Tensor:
-        """dX = G @ W, V terms per element (+4 roundings forming G): (V + 4) eps (|G| @ |W|)."""
-        m = (self.G.abs() @ self.w64.abs()).to(ref.device).reshape(ref.shape)
+        """dX = G @ W, V terms per element (+4 roundings forming G): (V + 4) eps (|G|_terms @ |W|)."""
+        m = (self.G_terms @ self.w64.abs()).to(ref.device).reshape(ref.shape)
         return rounding_floor(ref, m, self.V + 4, self.dtype, self.dtype)
 
     def dw(self, ref: torch.Tensor, out_roundings: int = 1) -> torch.Tensor:
-        """dW = G^T @ X, N terms per element: (N + 4) eps (|G|^T @ |X|); ``out_roundings`` for a
-        16-bit accumulator re-rounded once per chunk."""
-        m = (self.G.abs().t() @ self.x64.abs()).to(ref.device)
+        """dW = G^T @ X, N terms per element: (N + 4) eps (|G|_terms^T @ |X|); ``out_roundings``
+        for a 16-bit accumulator re-rounded once per chunk."""
+        m = (self.G_terms.t() @ self.x64.abs()).to(ref.device)
         return rounding_floor(ref, m, self.N + 4, self.dtype, self.dtype, out_roundings)
 
     def db(self, ref: torch.Tensor) -> torch.Tensor:
-        """db = sum_t G_t, N terms per element: (N + 4) eps sum_t |G_t|."""
-        m = self.G.abs().sum(0).to(ref.device)
+        """db = sum_t G_t, N terms per element: (N + 4) eps sum_t |G_t|_terms."""
+        m = self.G_terms.sum(0).to(ref.device)
         return rounding_floor(ref, m, self.N + 4, self.dtype, self.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import LinearCEFloors, logits_grad64
+from conftest import LinearCEFloors
 
 
 def sample_ranges(layout: str, labels: torch.Tensor, cu_seqlens: torch.Tensor | None):
@@ -109,8 +109,9 @@ def weighted_ce_floors(hidden, weight, labels, kw, upstream, ref):
     logits as a leaf, then eps x the magnitudes of the terms of each output (conftest)."""
     kw64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
     up = upstream.double() if upstream is not None else torch.ones(())
-    G = logits_grad64(lambda h, w: (expected(h, w, labels, **kw64) * up).sum(), hidden, weight)
-    floors = LinearCEFloors(hidden, weight, kw.get("bias"), G, kw.get("softcap"))
+    objective = lambda h, w, b: (expected(h, w, labels, **dict(kw64, bias=b)) * up).sum()  # noqa: E731
+    floors = LinearCEFloors(hidden, weight, kw.get("bias"), objective, kw.get("softcap"),
+                            kw.get("label_smoothing", 0.0))
     reduction = kw["reduction"]
     if reduction == "none":
         return floors, floors.token_losses(ref)

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from conftest import LinearCEFloors, assert_close_to_ref, logits_grad64  # noqa: E402
+from conftest import LinearCEFloors, assert_close_to_ref  # noqa: E402
 
 from fastweight.kernels import aggregation as KA  # noqa: E402
 from fastweight.kernels import linear_ce as K  # noqa: E402
@@ -85,7 +85,7 @@ def lse_of(x, w, b, softcap):
 def reference(x, w, b, t, c, softcap, ls, dtype):
     """(loss, lse, dx, dw, db) of sum_t c_t l_t by autograd on materialised logits in ``dtype``.
     In float64 a sixth item follows: the LinearCEFloors of the problem in x's own dtype, from
-    G = d(sum_t c_t l_t)/d(logits) taken with the logits as a leaf."""
+    G = d(sum_t c_t l_t)/d(logits) taken with the logits as a leaf (conftest.logits_grad64)."""
     xs, ws = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
     bs = b.detach().to(dtype).requires_grad_() if b is not None else None
     loss = token_losses(xs, ws, bs, t, softcap=softcap, label_smoothing=ls)
@@ -95,10 +95,9 @@ def reference(x, w, b, t, c, softcap, ls, dtype):
     out = (loss.detach(), lse, xs.grad, ws.grad, None if bs is None else bs.grad)
     if dtype != torch.float64:
         return out
-    b64 = None if b is None else b.detach().double()
-    G = logits_grad64(lambda h, w64: (token_losses(h, w64, b64, t, softcap=softcap, label_smoothing=ls)
-                                      * c.double()).sum(), x, w)
-    return (*out, LinearCEFloors(x, w, b, G, softcap))
+    objective = lambda h, w64, b64: (token_losses(h, w64, b64, t, softcap=softcap, label_smoothing=ls)  # noqa: E731
+                                     * c.double()).sum()
+    return (*out, LinearCEFloors(x, w, b, objective, softcap, ls))
 
 
 def check(name, fast, x, ref64, naive, floor):
