@@ -147,13 +147,13 @@ def _log_margins(name: str, dtype: torch.dtype, margins: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Floors: eps x the magnitude of the terms that formed each element
 # ---------------------------------------------------------------------------------------------
-def rounding_floor(ref: torch.Tensor, magnitude: torch.Tensor | float, n: int, dtype: torch.dtype,
+def rounding_floor(ref: torch.Tensor, magnitude: torch.Tensor | float, n: int | torch.Tensor, dtype: torch.dtype,
                    out_dtype: torch.dtype | None = None, out_roundings: int = 1) -> torch.Tensor:
     """n * eps(acc) * magnitude + eps(out) * |ref|: the generic floor.
 
     ``magnitude`` is sum_j |terms_j| of each element (>= |ref|), ``n`` the number of roundings
     a term's error can pass through: the length of the sum (gamma_n bounds any summation order)
-    plus the few operations that formed each term. ``dtype`` is the input dtype (it sets the
+    plus the few operations that formed each term (a tensor: one count per element). ``dtype`` is the input dtype (it sets the
     accumulation dtype), ``out_dtype`` the stored result's (default: the accumulation dtype).
     ``out_roundings`` > 1: a result re-rounded to ``out_dtype`` once per chunk (a 16-bit
     accumulator); each rounding errs by at most eps(out) x a partial sum, <= eps(out) x magnitude.
