@@ -5,6 +5,8 @@ trace under ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -17,8 +19,20 @@ from fastweight.linear_ce import ops as linear_ce_ops
 REDUCTIONS = ("mean", "sum", "none", "sequence")
 
 
+class WeightedCEOutput(NamedTuple):
+    """What ``weighted_ce`` returns when ``return_lse`` or ``return_accuracy`` is set.
+
+    ``lse`` and ``accuracy`` are per token, shaped like labels and indexed by input position
+    (as ``reduction="none"``); None unless asked for. Neither carries a gradient.
+    """
+    loss: Tensor                 # as the reduction gives it
+    lse: Tensor | None           # fp32 (fp64 for fp64 input) log-sum-exp of the (capped) logits, 0 where ignored
+    accuracy: Tensor | None      # bool: the argmax is the label; False where ignored
+
+
 def _check(hidden, weight, labels, sample_weights, token_weights, bias, cu_seqlens, softcap,
-           label_smoothing, ignore_index, sample_reduction, reduction, num_items, impl, chunk_bytes) -> None:
+           label_smoothing, ignore_index, sample_reduction, reduction, num_items, impl, chunk_bytes,
+           z_loss) -> None:
     """Every check that reads only metadata."""
     _validate.float_tensor("hidden", hidden)
     _validate.float_tensor("weight", weight)
@@ -27,6 +41,8 @@ def _check(hidden, weight, labels, sample_weights, token_weights, bias, cu_seqle
     _validate.choice("sample_reduction", sample_reduction, SAMPLE_REDUCTIONS)
     _validate.choice("impl", impl, backends.names("linear_ce"))
     _validate.options(softcap, label_smoothing, ignore_index, num_items)
+    if not (isinstance(z_loss, (int, float)) and not isinstance(z_loss, bool) and z_loss >= 0):
+        raise ValueError(f"`z_loss` must be a non-negative number, got {z_loss!r}")
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                     or chunk_bytes <= 0):
         raise ValueError(f"`chunk_bytes` must be None or a positive int, got {chunk_bytes!r}")
@@ -84,7 +100,8 @@ def weighted_ce(hidden: Tensor, weight: Tensor, labels: Tensor, sample_weights: 
                 cu_seqlens: Tensor | None = None, shift: bool = False, ignore_index: int = -100,
                 softcap: float | None = None, label_smoothing: float = 0.0,
                 sample_reduction: str = "token", reduction: str = "mean", num_items=None,
-                impl: str = "auto", chunk_bytes: int | None = None) -> Tensor:
+                impl: str = "auto", chunk_bytes: int | None = None, z_loss: float = 0.0,
+                return_lse: bool = False, return_accuracy: bool = False) -> Tensor | WeightedCEOutput:
     """Weighted cross-entropy of ``hidden @ weight.T (+ bias)`` without the full logits.
 
     Args:
@@ -106,9 +123,14 @@ def weighted_ce(hidden: Tensor, weight: Tensor, labels: Tensor, sample_weights: 
         chunk_bytes: working-memory budget for the logits blocks, honoured by every backend
             that chunks: default ``FASTWEIGHT_CHUNK_BYTES``, else 768 MiB (Triton) or the larger
             of 64 MiB and V*D*2 bytes (torch). impl="reference" cannot honour it and raises.
+        z_loss: adds z_loss * lse^2 to each counted token's loss (PaLM's z-loss), weighted and
+            reduced like the cross-entropy.
+        return_lse, return_accuracy: also return the per-token log-sum-exp and whether the
+            argmax is the label (no gradient), as a :class:`WeightedCEOutput`.
 
     Returns:
         A scalar for mean/sum, else per-token or per-sample losses; fp32 (fp64 for fp64 input).
+        A :class:`WeightedCEOutput` (loss, lse, accuracy) with ``return_lse``/``return_accuracy``.
         Gradients flow to hidden, weight and bias in their own dtypes, and only to those that
         require them (a frozen head costs no dW).
 
@@ -117,13 +139,20 @@ def weighted_ce(hidden: Tensor, weight: Tensor, labels: Tensor, sample_weights: 
     NaN loss for that token (so a NaN mean), with no host sync; no backend reads outside a row.
     """
     _check(hidden, weight, labels, sample_weights, token_weights, bias, cu_seqlens, softcap,
-           label_smoothing, ignore_index, sample_reduction, reduction, num_items, impl, chunk_bytes)
+           label_smoothing, ignore_index, sample_reduction, reduction, num_items, impl, chunk_bytes, z_loss)
     vocab = weight.shape[0]
     _validate.check_values(labels, vocab, ignore_index, cu_seqlens, labels.numel(),
                            {"sample_weights": sample_weights, "token_weights": token_weights}, num_items)
     flat = layout.flatten(hidden, labels, cu_seqlens, token_weights, shift, ignore_index, vocab)
     # The op schemas take plain numbers: 0 means "not set".
-    options = (float(softcap) if softcap is not None else 0.0, float(label_smoothing), impl, chunk_bytes or 0)
+    options = (float(softcap) if softcap is not None else 0.0, float(label_smoothing), float(z_loss), impl,
+               chunk_bytes or 0, bool(return_accuracy))
+
+    def result(loss: Tensor, lse: Tensor, hits: Tensor) -> Tensor | WeightedCEOutput:
+        if not (return_lse or return_accuracy):
+            return loss
+        return WeightedCEOutput(loss, lse.view(flat.shape) if return_lse else None,
+                                hits.view(flat.shape) if return_accuracy else None)
 
     if reduction in ("mean", "sum"):
         coeff = aggregation_ops.normalised_coefficients(
@@ -133,12 +162,14 @@ def weighted_ce(hidden: Tensor, weight: Tensor, labels: Tensor, sample_weights: 
             sample_reduction, reduction, num_items,
             dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-        return linear_ce_ops.linear_ce_reduced(flat.x, weight, bias, flat.targets, coeff, *options, *needs)[0]
+        total, lse, hits, *_ = linear_ce_ops.linear_ce_reduced(flat.x, weight, bias, flat.targets, coeff,
+                                                                *options, *needs)
+        return result(total, lse, hits)
 
-    per_token = linear_ce_ops.linear_ce_tokens(flat.x, weight, bias, flat.targets, *options)[0]
+    per_token, lse, hits = linear_ce_ops.linear_ce_tokens(flat.x, weight, bias, flat.targets, *options)
     if reduction == "none":
-        return per_token.view(flat.shape)
-    return aggregation_ops.segment_mean(per_token, flat.cu_seqlens, flat.valid)[0]
+        return result(per_token.view(flat.shape), lse, hits)
+    return result(aggregation_ops.segment_mean(per_token, flat.cu_seqlens, flat.valid)[0], lse, hits)
 
 
 def sequence_losses(hidden: Tensor, weight: Tensor, labels: Tensor, **options) -> Tensor:

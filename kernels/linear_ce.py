@@ -73,14 +73,17 @@ def _tanh_and_slope(x):
 def _ce_rows_kernel(
     logits_ptr, stride_row,
     targets_ptr, coeff_ptr, lse_in_ptr,
-    loss_ptr, lse_ptr,
+    loss_ptr, lse_ptr, hit_ptr,
     n_rows, n_cols,
-    softcap, smoothing,
-    SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
-    GRAD: tl.constexpr, LSE_GIVEN: tl.constexpr,
+    softcap, smoothing, z_loss,
+    SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
+    GRAD: tl.constexpr, LSE_GIVEN: tl.constexpr, HIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Per-row CE over a (n_rows, n_cols) logits block; optionally its gradient, in place."""
+    """Per-row CE over a (n_rows, n_cols) logits block; optionally its gradient, in place.
+
+    The loss of a row is (1 - smoothing) * (lse - z_y) + smoothing * (lse - mean(z))
+    + z_loss * lse^2; ``hit`` is whether z_y attains the row's maximum (the argmax is right)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < n_rows
@@ -119,6 +122,10 @@ def _ce_rows_kernel(
         loss = lse - zy
         if SMOOTH:
             loss = (1.0 - smoothing) * loss + smoothing * (lse - zsum / n_cols)
+        if ZLOSS:
+            loss += z_loss * lse * lse
+        if HIT:
+            tl.store(hit_ptr + rows, (live & ~invalid & (zy >= m)).to(tl.int8), mask=row_in)
         lse = tl.where(live, lse, 0.0)
         loss = tl.where(invalid, float("nan"), loss)
         tl.store(loss_ptr + rows, tl.where(live, loss, 0.0), mask=row_in)
@@ -129,10 +136,12 @@ def _ce_rows_kernel(
         c = tl.where(live, c, 0.0)
         c = tl.where(invalid, float("nan"), c)
         if SMOOTH:
-            c_hit = c * (1.0 - smoothing)
+            c_target = c * (1.0 - smoothing)
             c_flat = c * (smoothing / n_cols)
         else:
-            c_hit = c
+            c_target = c
+        # d(z_loss * lse^2)/dz = 2 z_loss lse softmax(z): it only rescales the softmax term.
+        c_soft = c * (1.0 + 2.0 * z_loss * lse) if ZLOSS else c
         for v0 in range(0, n_cols, BLOCK_V):
             cols = v0 + cols0
             cmask = cols < n_cols
@@ -142,10 +151,10 @@ def _ce_rows_kernel(
                 t, slope = _tanh_and_slope(z * inv_cap)
                 z = softcap * t
             p = tl.exp2((z - lse[:, None]) * _LOG2E)
-            g = c[:, None] * p
+            g = c_soft[:, None] * p
             if SMOOTH:
                 g -= c_flat[:, None]
-            g = tl.where(cols[None, :] == tgt[:, None], g - c_hit[:, None], g)
+            g = tl.where(cols[None, :] == tgt[:, None], g - c_target[:, None], g)
             if SOFTCAP:
                 g *= slope
             g = tl.where(mask, g, 0.0)
@@ -180,7 +189,7 @@ def chunk_rows(num_tokens: int, vocab: int, itemsize: int, chunk_bytes: int | No
     return rounded if rounded <= max_rows else rows
 
 
-def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, softcap, label_smoothing,
+def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, hits, softcap, label_smoothing, z_loss,
                  grad: bool, config: dict | None):
     rows, vocab = logits.shape
     if rows == 0:
@@ -194,20 +203,21 @@ def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, softcap, lab
         targets,
         coeff if coeff is not None else loss,      # unread placeholders when absent
         lse_in if lse_in is not None else loss,
-        loss, lse,
+        loss, lse, hits if hits is not None else targets,
         rows, vocab,
-        float(softcap) if softcap is not None else 1.0, float(label_smoothing),
-        SOFTCAP=softcap is not None, SMOOTH=bool(label_smoothing),
-        GRAD=grad, LSE_GIVEN=lse_in is not None,
+        float(softcap) if softcap is not None else 1.0, float(label_smoothing), float(z_loss),
+        SOFTCAP=softcap is not None, SMOOTH=bool(label_smoothing), ZLOSS=bool(z_loss),
+        GRAD=grad, LSE_GIVEN=lse_in is not None, HIT=hits is not None,
         BLOCK_M=block_m, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
     )
 
 
 def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, coeff: Tensor | None = None, *,
               lse: Tensor | None = None, softcap: float | None = None, label_smoothing: float = 0.0,
-              chunk_bytes: int | None = None, needs: tuple[bool, bool, bool] = (True, True, True),
-              config: dict | None = None, dw_fp32_accumulate: bool | None = None):
-    """The linear-CE contract (``fastweight.linear_ce.chunked``): (loss, lse, grads).
+              z_loss: float = 0.0, hits: bool = False, chunk_bytes: int | None = None,
+              needs: tuple[bool, bool, bool] = (True, True, True), config: dict | None = None,
+              dw_fp32_accumulate: bool | None = None):
+    """The linear-CE contract (``fastweight.linear_ce.chunked``): (loss, lse, hits, grads).
 
     ``config`` overrides the row kernel's launch configuration and ``dw_fp32_accumulate`` the
     choice of dW accumulator (tests). With a saved ``lse`` the row kernel skips its first sweep
@@ -228,6 +238,7 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
         coeff = coeff.to(torch.float32).contiguous()
     loss = new_buffer((n,), torch.float32, device) if lse is None else None
     lse_out = new_buffer((n,), torch.float32, device) if lse is None else lse.to(torch.float32).contiguous()
+    hit_out = new_buffer((n,), torch.int8, device) if hits and lse is None else None
 
     step = chunk_rows(n, vocab, x.element_size(), chunk_bytes)
     n_chunks = math.ceil(n / step) if n else 0
@@ -256,7 +267,8 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
         _launch_rows(z, targets[start:stop], coeff[start:stop] if grad else None,
                      lse_out[start:stop] if lse is not None else None,
                      loss[start:stop] if loss is not None else lse_out[start:stop],
-                     lse_out[start:stop], softcap, label_smoothing, grad, config)
+                     lse_out[start:stop], hit_out[start:stop] if hit_out is not None else None,
+                     softcap, label_smoothing, z_loss, grad, config)
         if not grad:
             continue
         if need_x:
@@ -271,9 +283,10 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
                 dw_acc.add_(torch.mm(z.t(), xc))
         if need_b:
             db32.add_(z.sum(0, dtype=torch.float32))
+    hit_out = hit_out.bool() if hit_out is not None else None
     if not grad:
-        return loss, lse_out, None
+        return loss, lse_out, hit_out, None
     if need_w and dw_acc is not dw:
         dw.copy_(dw_acc)
-    return loss, lse_out, (dx, dw, db32.to(bias.dtype) if need_b else None)
+    return loss, lse_out, hit_out, (dx, dw, db32.to(bias.dtype) if need_b else None)
 
