@@ -33,6 +33,7 @@ elsewhere.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -212,16 +213,31 @@ def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, hits, softca
     )
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One side stream per CUDA device, reused across calls."""
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[key]
+
+
 def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, coeff: Tensor | None = None, *,
               lse: Tensor | None = None, softcap: float | None = None, label_smoothing: float = 0.0,
               z_loss: float = 0.0, hits: bool = False, chunk_bytes: int | None = None,
               needs: tuple[bool, bool, bool] = (True, True, True), config: dict | None = None,
-              dw_fp32_accumulate: bool | None = None):
+              dw_fp32_accumulate: bool | None = None, overlap: bool | None = None):
     """The linear-CE contract (``fastweight.linear_ce.chunked``): (loss, lse, hits, grads).
 
-    ``config`` overrides the row kernel's launch configuration and ``dw_fp32_accumulate`` the
-    choice of dW accumulator (tests). With a saved ``lse`` the row kernel skips its first sweep
-    and the loss is None."""
+    When the tokens do not fit one chunk, ``overlap`` (default: on CUDA) splits the budget into
+    two half-size logits buffers and runs the row kernel and the gradient GEMMs of chunk i on a
+    side stream while the logits GEMM of chunk i+1 runs on the current one; events order the
+    reuse of each buffer. The arithmetic is the same as without streams at the same chunk size,
+    so the results are bit-identical. ``config`` overrides the row kernel's launch
+    configuration and ``dw_fp32_accumulate`` the choice of dW accumulator (tests). With a saved
+    ``lse`` the row kernel skips its first sweep and the loss is None."""
     if x.dtype not in ROW_CONFIGS_DTYPES:
         raise TypeError(f"the Triton linear-CE kernels take fp16, bf16 or fp32, not {x.dtype}")
     n, d = x.shape
@@ -240,49 +256,56 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
     lse_out = new_buffer((n,), torch.float32, device) if lse is None else lse.to(torch.float32).contiguous()
     hit_out = new_buffer((n,), torch.int8, device) if hits and lse is None else None
 
-    step = chunk_rows(n, vocab, x.element_size(), chunk_bytes)
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    step = chunk_rows(n, vocab, x.element_size(), budget)
+    overlap = (device.type == "cuda") if overlap is None else overlap
+    double_buffered = overlap and step < n
+    if double_buffered:  # two buffers within the same budget
+        step = chunk_rows(n, vocab, x.element_size(), budget // 2)
     n_chunks = math.ceil(n / step) if n else 0
     dx = new_buffer((n, d), x.dtype, device) if need_x else None
     dw = dw_acc = None
     if need_w:
         dw = new_buffer((vocab, d), weight.dtype, device)
         if dw_fp32_accumulate is None:
-            budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
             dw_fp32_accumulate = weight.dtype != torch.float32 and n_chunks > 1 and vocab * d * 4 <= budget // 4
         dw_acc = torch.zeros(vocab, d, dtype=torch.float32, device=device) if dw_fp32_accumulate else dw
         if n_chunks == 0:
             dw_acc.zero_()
     db32 = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
-    block = new_buffer((min(step, n), vocab), x.dtype, device) if n else None
+    buffers = [new_buffer((min(step, n), vocab), x.dtype, device) for _ in range(2 if double_buffered else 1)] \
+        if n else []
+    streams = double_buffered and device.type == "cuda"
+    main = torch.cuda.current_stream(device) if streams else None
+    side = _side_stream(device) if streams else None
+    buffer_free = [None] * len(buffers)  # events: the side stream is done with buffer k
 
     for i, start in enumerate(range(0, n, step)):
         stop = min(start + step, n)
         xc = x[start:stop]
-        z = block[: stop - start]
+        k = i % len(buffers)
+        z = buffers[k][: stop - start]
+        if streams and buffer_free[k] is not None:
+            main.wait_event(buffer_free[k])
         if bias is None:
             torch.mm(xc, weight.t(), out=z)
         else:  # the bias in the GEMM epilogue: one rounding, as F.linear does
             torch.addmm(bias, xc, weight.t(), out=z)
-        # Without a saved lse the loss and lse of the chunk are written; with one, only read.
-        _launch_rows(z, targets[start:stop], coeff[start:stop] if grad else None,
-                     lse_out[start:stop] if lse is not None else None,
-                     loss[start:stop] if loss is not None else lse_out[start:stop],
-                     lse_out[start:stop], hit_out[start:stop] if hit_out is not None else None,
-                     softcap, label_smoothing, z_loss, grad, config)
-        if not grad:
-            continue
-        if need_x:
-            torch.mm(z, weight, out=dx[start:stop])
-        if need_w:
-            if dw_acc is dw:
-                if i == 0:
-                    torch.mm(z.t(), xc, out=dw)
-                else:
-                    dw.addmm_(z.t(), xc)
-            else:
-                dw_acc.add_(torch.mm(z.t(), xc))
-        if need_b:
-            db32.add_(z.sum(0, dtype=torch.float32))
+        with torch.cuda.stream(side) if streams else contextlib.nullcontext():
+            if streams:
+                side.wait_stream(main)  # the logits of this chunk are written
+            # Without a saved lse the loss and lse of the chunk are written; with one, only read.
+            _launch_rows(z, targets[start:stop], coeff[start:stop] if grad else None,
+                         lse_out[start:stop] if lse is not None else None,
+                         loss[start:stop] if loss is not None else lse_out[start:stop],
+                         lse_out[start:stop], hit_out[start:stop] if hit_out is not None else None,
+                         softcap, label_smoothing, z_loss, grad, config)
+            if grad:
+                _accumulate_gradients(z, xc, weight, dx, dw, dw_acc, db32, start, stop, first=i == 0)
+            if streams:
+                buffer_free[k] = side.record_event()
+    if streams:
+        main.wait_stream(side)
     hit_out = hit_out.bool() if hit_out is not None else None
     if not grad:
         return loss, lse_out, hit_out, None
@@ -290,3 +313,19 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
         dw.copy_(dw_acc)
     return loss, lse_out, hit_out, (dx, dw, db32.to(bias.dtype) if need_b else None)
 
+
+def _accumulate_gradients(grad_logits: Tensor, xc: Tensor, weight: Tensor, dx, dw, dw_acc, db32,
+                          start: int, stop: int, first: bool) -> None:
+    """dx rows, dW and db of one chunk from its gradient of the logits (those not None)."""
+    if dx is not None:
+        torch.mm(grad_logits, weight, out=dx[start:stop])
+    if dw is not None:
+        if dw_acc is dw:
+            if first:
+                torch.mm(grad_logits.t(), xc, out=dw)
+            else:
+                dw.addmm_(grad_logits.t(), xc)
+        else:
+            dw_acc.add_(torch.mm(grad_logits.t(), xc))
+    if db32 is not None:
+        db32.add_(grad_logits.sum(0, dtype=torch.float32))
