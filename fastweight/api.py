@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fastweight import backends, layout
-from fastweight import validation as _validate
+from fastweight import validation
 from fastweight.aggregation import SAMPLE_REDUCTIONS
 from fastweight.aggregation import ops as aggregation_ops
 from fastweight.linear_ce import ops as linear_ce_ops
@@ -34,13 +34,13 @@ def _check(hidden, weight, labels, sample_weights, token_weights, bias, cu_seqle
            label_smoothing, ignore_index, sample_reduction, reduction, num_items, impl, chunk_bytes,
            z_loss) -> None:
     """Every check that reads only metadata."""
-    _validate.float_tensor("hidden", hidden)
-    _validate.float_tensor("weight", weight)
-    _validate.int_tensor("labels", labels)
-    _validate.choice("reduction", reduction, REDUCTIONS)
-    _validate.choice("sample_reduction", sample_reduction, SAMPLE_REDUCTIONS)
-    _validate.choice("impl", impl, backends.names("linear_ce"))
-    _validate.options(softcap, label_smoothing, ignore_index, num_items)
+    validation.float_tensor("hidden", hidden)
+    validation.float_tensor("weight", weight)
+    validation.int_tensor("labels", labels)
+    validation.choice("reduction", reduction, REDUCTIONS)
+    validation.choice("sample_reduction", sample_reduction, SAMPLE_REDUCTIONS)
+    validation.choice("impl", impl, backends.names("linear_ce"))
+    validation.options(softcap, label_smoothing, ignore_index, num_items)
     if not (isinstance(z_loss, (int, float)) and not isinstance(z_loss, bool) and z_loss >= 0):
         raise ValueError(f"`z_loss` must be a non-negative number, got {z_loss!r}")
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
@@ -53,40 +53,40 @@ def _check(hidden, weight, labels, sample_weights, token_weights, bias, cu_seqle
                          f"got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"`weight` dtype {weight.dtype} differs from `hidden` dtype {hidden.dtype}")
-    _validate.same_device("weight", weight, hidden)
+    validation.same_device("weight", weight, hidden)
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"`labels` must have shape {tuple(hidden.shape[:-1])} (hidden without its "
                          f"last dim), got {tuple(labels.shape)}")
-    _validate.same_device("labels", labels, hidden)
+    validation.same_device("labels", labels, hidden)
     if bias is not None:
-        _validate.float_tensor("bias", bias)
+        validation.float_tensor("bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"`bias` must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"`bias` dtype {bias.dtype} differs from `hidden` dtype {hidden.dtype}")
-        _validate.same_device("bias", bias, hidden)
+        validation.same_device("bias", bias, hidden)
     if cu_seqlens is not None:
-        _validate.int_tensor("cu_seqlens", cu_seqlens)
+        validation.int_tensor("cu_seqlens", cu_seqlens)
         if hidden.dim() != 2:
             raise ValueError("`cu_seqlens` goes with packed (N, D) hidden, but hidden is "
                              f"{tuple(hidden.shape)}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             raise ValueError(f"`cu_seqlens` must be 1-D (B+1,), got shape {tuple(cu_seqlens.shape)}")
-        _validate.same_device("cu_seqlens", cu_seqlens, hidden)
+        validation.same_device("cu_seqlens", cu_seqlens, hidden)
     num_samples = (hidden.shape[0] if hidden.dim() == 3 else
                    cu_seqlens.numel() - 1 if cu_seqlens is not None else 1)
     if sample_weights is not None:
-        _validate.float_tensor("sample_weights", sample_weights)
+        validation.float_tensor("sample_weights", sample_weights)
         if sample_weights.shape != (num_samples,):
             raise ValueError(f"`sample_weights` must have one weight per sample, shape ({num_samples},),"
                              f" got {tuple(sample_weights.shape)}")
-        _validate.same_device("sample_weights", sample_weights, hidden)
+        validation.same_device("sample_weights", sample_weights, hidden)
     if token_weights is not None:
-        _validate.float_tensor("token_weights", token_weights)
+        validation.float_tensor("token_weights", token_weights)
         if token_weights.shape != labels.shape:
             raise ValueError(f"`token_weights` must be shaped like labels {tuple(labels.shape)}, "
                              f"got {tuple(token_weights.shape)}")
-        _validate.same_device("token_weights", token_weights, hidden)
+        validation.same_device("token_weights", token_weights, hidden)
     if reduction in ("none", "sequence"):
         for name, value in (("sample_weights", sample_weights), ("token_weights", token_weights),
                             ("num_items", num_items)):
@@ -141,7 +141,7 @@ def weighted_ce(hidden: Tensor, weight: Tensor, labels: Tensor, sample_weights: 
     _check(hidden, weight, labels, sample_weights, token_weights, bias, cu_seqlens, softcap,
            label_smoothing, ignore_index, sample_reduction, reduction, num_items, impl, chunk_bytes, z_loss)
     vocab = weight.shape[0]
-    _validate.check_values(labels, vocab, ignore_index, cu_seqlens, labels.numel(),
+    validation.check_values(labels, vocab, ignore_index, cu_seqlens, labels.numel(),
                            {"sample_weights": sample_weights, "token_weights": token_weights}, num_items)
     flat = layout.flatten(hidden, labels, cu_seqlens, token_weights, shift, ignore_index, vocab)
     # The op schemas take plain numbers: 0 means "not set".
