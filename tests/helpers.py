@@ -19,7 +19,7 @@ def sample_ranges(layout: str, labels: torch.Tensor, cu_seqlens: torch.Tensor | 
 
 def expected(hidden, weight, labels, sample_weights=None, *, token_weights=None, bias=None,
              cu_seqlens=None, shift=False, ignore_index=-100, softcap=None, label_smoothing=0.0,
-             sample_reduction="token", reduction="mean", num_items=None):
+             sample_reduction="token", reduction="mean", num_items=None, z_loss=0.0):
     """weighted_ce by the book, in float64, one sample at a time. Differentiable."""
     layout = "rows" if hidden.dim() == 3 else ("packed" if cu_seqlens is not None else "single")
     d = hidden.shape[-1]
@@ -45,7 +45,7 @@ def expected(hidden, weight, labels, sample_weights=None, *, token_weights=None,
                 z = softcap * torch.tanh(z / softcap)
             lse = torch.logsumexp(z, 0)
             y = lab[src].item()
-            loss = (1 - label_smoothing) * (lse - z[y]) + label_smoothing * (lse - z.mean())
+            loss = (1 - label_smoothing) * (lse - z[y]) + label_smoothing * (lse - z.mean()) + z_loss * lse ** 2
             per_token[t] = loss
             losses.append(loss)
             u = tw[src] if tw is not None else 1.0
