@@ -244,7 +244,7 @@ def test_chunk_budget_from_env_and_call(monkeypatch):
     assert chunked.default_chunk_bytes(128000, 4096) == 128000 * 4096 * 2
     assert chunked.chunk_tokens(10 ** 6, 100, 16, torch.float32, None) == (64 << 20) // 800
     # the call's budget, else the environment's, else the backend's default
-    assert ops._options(0.0, 0.0, 0)["chunk_bytes"] is None
+    assert ops._options(0.0, 0.0, 0.0, 0)["chunk_bytes"] is None
     monkeypatch.setenv("FASTWEIGHT_CHUNK_BYTES", str(8 * 100 * 3))
-    assert ops._options(0.0, 0.0, 0)["chunk_bytes"] == 2400
-    assert ops._options(0.0, 0.0, 999)["chunk_bytes"] == 999
+    assert ops._options(0.0, 0.0, 0.0, 0)["chunk_bytes"] == 2400
+    assert ops._options(0.0, 0.0, 0.0, 999)["chunk_bytes"] == 999
