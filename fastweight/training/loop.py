@@ -162,10 +162,10 @@ def _train(run: _Run, progress: bool) -> dict:
     start, resumed_from = _resume(run)
     metrics = MetricsLog(run.out / METRICS_FILE, distributed.is_main,
                          keep_until=start if resumed_from is not None else -1)
-    if start == 0 and config.initial_eval:
-        run.evaluate(0, metrics)
     if distributed.is_main:
         _announce(run, resumed_from)
+    if start == 0 and config.initial_eval:
+        run.evaluate(0, metrics)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -198,7 +198,7 @@ def _train(run: _Run, progress: bool) -> dict:
         last_eval = run.evaluate(run.total_steps, metrics)
         if config.save_final:
             if distributed.is_main:
-                final_dir = checkpoint.save_final(run.out, run.model, run.tokenizer)
+                checkpoint.save_final(run.out, run.model, run.tokenizer)
             distributed.barrier()
             final_dir = run.out / checkpoint.FINAL_DIR
     if distributed.is_main and config.plot:
