@@ -1,6 +1,6 @@
-"""Checkpoints of ``fastweight train``: ``<out>/checkpoints/step-XXXXXXXX/`` with the model,
-the optimizer state (safetensors), the RNG states and ``state.json`` (step, scheduler, config),
-and the Hugging Face model folder ``<out>/final/``.
+"""Checkpoints of ``fastweight train``: ``<out>/checkpoints/step-XXXXXXXX/`` with the model
+(only the adapter for LoRA), the optimizer state (safetensors), the RNG states and
+``state.json`` (step, scheduler, config), and the Hugging Face model folder ``<out>/final/``.
 
 Every folder is written under a temporary name and renamed into place, so a crash never leaves
 a half-written checkpoint that ``--resume`` would pick up.
@@ -14,11 +14,15 @@ from pathlib import Path
 
 import torch
 
+from fastweight.training.lora import (MERGED_DIR, adapter_state, is_peft_model, load_adapter_state,
+                                      save_adapter)
+
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_final",
            "CHECKPOINT_DIR", "FINAL_DIR"]
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
+ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpoint: the adapter only
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
@@ -70,7 +74,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
     final = folder / f"step-{step:08d}"
 
     def write(tmp: Path):
-        save_model(model, str(tmp / "model.safetensors"))
+        if is_peft_model(model):  # LoRA: only the adapter; the frozen base is --model
+            save_file(adapter_state(model), str(tmp / ADAPTER_FILE))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         optimizer_tensors, optimizer_metadata = _flatten_optimizer(optimizer.state_dict())
         save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"cpu": torch.get_rng_state()}
@@ -100,7 +107,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict:
     """Restore model, optimizer, scheduler and RNG states; returns ``state.json``."""
     from safetensors.torch import load_file, load_model
 
-    load_model(model, str(path / "model.safetensors"), device=str(device))
+    if is_peft_model(model) != (path / ADAPTER_FILE).exists():
+        raise ValueError(f"checkpoint {path} was made {'without' if is_peft_model(model) else 'with'} "
+                         "--lora-r: resume with the same flags")
+    if is_peft_model(model):
+        load_adapter_state(model, load_file(str(path / ADAPTER_FILE), device=str(device)))
+    else:
+        load_model(model, str(path / "model.safetensors"), device=str(device))
     state = json.loads((path / "state.json").read_text())
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
                                                    state["optimizer"]))
@@ -114,12 +127,19 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict:
     return state
 
 
-def save_final(out: Path, model, tokenizer) -> Path:
-    """The fine-tuned model and tokenizer as a Hugging Face folder ``<out>/final``."""
+def save_final(out: Path, model, tokenizer, *, merge: bool = False, state_dict=None) -> Path:
+    """The fine-tuned model and tokenizer as a Hugging Face folder ``<out>/final``; for a LoRA
+    model the adapter in PEFT's format, plus ``final/merged/`` with ``merge``. ``state_dict``:
+    the full tensors to save instead of the model's own (a sharded model's consolidation)."""
     final = out / FINAL_DIR
 
     def write(tmp: Path):
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if is_peft_model(model):
+            save_adapter(model, tmp, merge)
+            if merge:
+                tokenizer.save_pretrained(str(tmp / MERGED_DIR))
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
 
     _write_folder_atomically(final, write)

@@ -62,6 +62,12 @@ class TrainConfig:
     plot: bool = True
     save_final: bool = True
     log_every: int = 1
+    lora_r: int | None = None               # None: full fine-tuning; R: LoRA adapters of rank R (PEFT)
+    lora_alpha: float | None = None         # None: 2 * lora_r
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    merge: bool = False                     # also write final/merged/: the adapter merged in
+    fsdp: bool = False                      # shard with FSDP2 (fully_shard) instead of DDP
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -87,6 +93,14 @@ def validate(config: TrainConfig) -> None:
         (config.batch_tokens >= 1, f"--batch-tokens must be >= 1, got {config.batch_tokens}"),
         (config.steps is None or config.steps >= 1, f"--steps must be >= 1, got {config.steps}"),
         (config.steps is not None or config.epochs > 0, f"--epochs must be > 0, got {config.epochs}"),
+        (config.lora_r is None or config.lora_r >= 1, f"--lora-r must be >= 1, got {config.lora_r}"),
+        (0.0 <= config.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {config.lora_dropout}"),
+        (config.lora_alpha is None or config.lora_alpha > 0,
+         f"--lora-alpha must be > 0, got {config.lora_alpha}"),
+        (config.lora_r is not None or not config.merge, "--merge merges a LoRA adapter: it needs --lora-r"),
+        (config.lora_r is None or not config.fsdp,
+         "--fsdp with --lora-r is not supported: LoRA's optimizer state is small, use DDP (drop --fsdp)"),
+        (bool(config.lora_target_modules), "--lora-target-modules needs at least one module name"),
     )
     for ok, message in checks:
         if not ok:
@@ -140,6 +154,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--resume", action="store_true", help="continue from the last checkpoint in --out")
     add("--stop-after", type=positive_int, default=None,
         help="stop, with a checkpoint, after this many steps of this run (default: run to the end)")
+    add("--lora-r", type=positive_int, default=None,
+        help="train LoRA adapters of this rank through PEFT; the base model, embeddings and LM "
+             "head stay frozen (default: none, full fine-tuning)")
+    add("--lora-alpha", type=float, default=None, help="LoRA scaling alpha (default: 2 x --lora-r)")
+    add("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    add("--lora-target-modules", nargs="+", default=["all-linear"], metavar="NAME",
+        help="module names to adapt (q_proj v_proj ...); all-linear: every linear layer but the "
+             "LM head")
+    add("--merge", action="store_true",
+        help="with --lora-r: also write final/merged/, the model with the adapter merged in")
+    add("--fsdp", action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (per "
+             "decoder layer), bf16 compute on GPU; sharded checkpoints (default: DDP)")
     add_data_format_arguments(parser, max_length=2048)
     add("--general-format", dest="general_fmt", default="auto",
         choices=("auto", "prompt_response", "messages", "text"), help="row layout of --general-data")

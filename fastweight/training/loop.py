@@ -22,6 +22,7 @@ from fastweight.runtime import (Distributed, load_model_and_tokenizer, pad_token
                                 show_progress)
 from fastweight.training import checkpoint
 from fastweight.training.config import TrainConfig, config_from_args, validate
+from fastweight.training.lora import wrap_with_lora
 from fastweight.training.metrics import MetricsLog, plot_metrics, train_summary
 from fastweight.training.objective import LossModule, autocast, evaluate_loss
 from fastweight.training.optim import make_optimizer
@@ -117,6 +118,8 @@ def _prepare(config: TrainConfig, distributed: Distributed, device: torch.device
                                               config.general_fmt, "--general-data")[1]
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
+    if config.lora_r is not None:  # after the scores check, which hashes the plain model
+        model = wrap_with_lora(model, config)
     plan = DataPlan(tokenized, config.batch_tokens, distributed.world_size * config.grad_accum,
                     config.seed)
     total_steps = plan.total_steps(config.epochs, config.steps)
@@ -198,7 +201,7 @@ def _train(run: _Run, progress: bool) -> dict:
         last_eval = run.evaluate(run.total_steps, metrics)
         if config.save_final:
             if distributed.is_main:
-                checkpoint.save_final(run.out, run.model, run.tokenizer)
+                checkpoint.save_final(run.out, run.model, run.tokenizer, merge=config.merge)
             distributed.barrier()
             final_dir = run.out / checkpoint.FINAL_DIR
     if distributed.is_main and config.plot:
