@@ -17,12 +17,13 @@ import torch
 from fastweight.training.lora import (MERGED_DIR, adapter_state, is_peft_model, load_adapter_state,
                                       save_adapter)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_final",
-           "CHECKPOINT_DIR", "FINAL_DIR"]
+__all__ = ["save_checkpoint", "save_sharded_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "save_final", "full_state_dict", "CHECKPOINT_DIR", "FINAL_DIR"]
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
 ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpoint: the adapter only
+SHARDED_DIR = "sharded"  # an --fsdp run's checkpoint: torch.distributed.checkpoint files
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
@@ -55,6 +56,10 @@ def _write_folder_atomically(final: Path, write) -> None:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     write(tmp)
+    _move_into_place(tmp, final)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.replace(final, old)
@@ -64,9 +69,27 @@ def _write_folder_atomically(final: Path, write) -> None:
         os.replace(tmp, final)
 
 
+def _write_rng_and_state(tmp: Path, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda.{i}"] = cuda_state
+    save_file(rng, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
+
+
+def _prune(folder: Path, keep: int) -> None:
+    checkpoints = sorted(p for p in folder.glob("step-*") if p.is_dir())
+    for old in checkpoints[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict,
                     keep: int) -> Path:
-    """Write the checkpoint of ``step`` and keep only the newest ``keep`` (all when keep <= 0)."""
+    """Write the checkpoint of ``step`` and keep only the newest ``keep`` (all when keep <= 0).
+    Called on rank 0 only (the model is replicated)."""
     from safetensors.torch import save_file, save_model
 
     folder = out / CHECKPOINT_DIR
@@ -80,20 +103,67 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
             save_model(model, str(tmp / "model.safetensors"))
         optimizer_tensors, optimizer_metadata = _flatten_optimizer(optimizer.state_dict())
         save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda.{i}"] = cuda_state
-        save_file(rng, str(tmp / "rng.safetensors"))
-        state = {"step": step, "optimizer": optimizer_metadata,
-                 "scheduler": scheduler.state_dict(), **extra}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
+        _write_rng_and_state(tmp, {"step": step, "optimizer": optimizer_metadata,
+                                   "scheduler": scheduler.state_dict(), **extra})
 
     _write_folder_atomically(final, write)
-    checkpoints = sorted(p for p in folder.glob("step-*") if p.is_dir())
-    for old in checkpoints[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(folder, keep)
     return final
+
+
+def save_sharded_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict,
+                            keep: int, distributed) -> Path:
+    """The checkpoint of ``step`` of an ``--fsdp`` run: model and optimizer through
+    ``torch.distributed.checkpoint`` into ``sharded/`` (each rank writes its own shards; no
+    rank gathers the model), RNG and ``state.json`` from rank 0. Called on every rank.
+
+    The tensors are keyed by parameter name (``get_state_dict``), so the checkpoint loads on
+    any world size, sharded or not. The folder is renamed into place once every rank is done.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder = out / CHECKPOINT_DIR
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".tmp-{final.name}"  # one name on every rank, unlike _write_folder_atomically
+    if distributed.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state},
+             checkpoint_id=str(tmp / SHARDED_DIR))
+    distributed.barrier()
+    if distributed.is_main:
+        _write_rng_and_state(tmp, {"step": step, "scheduler": scheduler.state_dict(), **extra})
+        _move_into_place(tmp, final)
+        _prune(folder, keep)
+    distributed.barrier()
+    return final
+
+
+def _load_sharded(folder: Path, model, optimizer) -> None:
+    """Load a ``save_sharded_checkpoint`` into ``model`` and ``optimizer``, sharded or not:
+    torch.distributed.checkpoint reshards to this run's layout (without a process group it
+    reads every shard in this process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    states = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(states, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=states["model"],
+                   optim_state_dict=states["optimizer"])
+
+
+def full_state_dict(model) -> dict:
+    """Every parameter of a (possibly sharded) model as a full CPU tensor; a collective, so
+    call it on every rank. Ranks other than 0 get an empty dict (``cpu_offload``)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
@@ -110,13 +180,16 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict:
     if is_peft_model(model) != (path / ADAPTER_FILE).exists():
         raise ValueError(f"checkpoint {path} was made {'without' if is_peft_model(model) else 'with'} "
                          "--lora-r: resume with the same flags")
-    if is_peft_model(model):
+    if (path / SHARDED_DIR).exists():
+        _load_sharded(path / SHARDED_DIR, model, optimizer)
+    elif is_peft_model(model):
         load_adapter_state(model, load_file(str(path / ADAPTER_FILE), device=str(device)))
     else:
         load_model(model, str(path / "model.safetensors"), device=str(device))
     state = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
-                                                   state["optimizer"]))
+    if "optimizer" in state:  # else sharded: loaded with the model
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                                       state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])

@@ -9,7 +9,6 @@ See ``objective.py`` for the loss and ``plan.py`` for which rows each step sees.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 
 from fastweight.runtime import (Distributed, load_model_and_tokenizer, pad_token_id, pick_device,
                                 show_progress)
-from fastweight.training import checkpoint
+from fastweight.training import checkpoint, parallel
 from fastweight.training.config import TrainConfig, config_from_args, validate
 from fastweight.training.lora import wrap_with_lora
 from fastweight.training.metrics import MetricsLog, plot_metrics, train_summary
@@ -61,20 +60,34 @@ class _Run:
         budget = self.config.eval_batch_tokens or max(self.config.batch_tokens, 4096)
         record = {"step": step}
         for name, tokenized in self.eval_sets.items():
-            record[f"eval_{name}_loss"] = evaluate_loss(
-                self.model, tokenized, self.pad_id, batch_tokens=budget, device=self.device,
-                bf16=self.bf16, distributed=self.distributed, impl=self.config.impl)
+            with parallel.evaluation_module(self.loss_module) as (module, lockstep):
+                record[f"eval_{name}_loss"] = evaluate_loss(
+                    self.model, tokenized, self.pad_id, batch_tokens=budget, device=self.device,
+                    bf16=self.bf16, distributed=self.distributed, impl=self.config.impl,
+                    loss_module=module, lockstep=lockstep)
         metrics.log(record)
         return record
 
     def save_checkpoint(self, step: int, epoch: int) -> None:
-        if self.distributed.is_main:
-            extra = {"total_steps": self.total_steps, "epoch": epoch,
-                     "world_size": self.distributed.world_size,
-                     "grad_accum": self.config.grad_accum, "config": self.config.to_json()}
-            checkpoint.save_checkpoint(self.out, step, self.model, self.optimizer, self.scheduler,
-                                       extra, self.config.keep_checkpoints)
+        extra = {"total_steps": self.total_steps, "epoch": epoch,
+                 "world_size": self.distributed.world_size,
+                 "grad_accum": self.config.grad_accum, "config": self.config.to_json()}
+        args = (self.out, step, self.model, self.optimizer, self.scheduler, extra,
+                self.config.keep_checkpoints)
+        if self.config.fsdp:  # every rank writes its shards
+            checkpoint.save_sharded_checkpoint(*args, self.distributed)
+        elif self.distributed.is_main:
+            checkpoint.save_checkpoint(*args)
         self.distributed.barrier()
+
+    def save_final(self) -> Path:
+        """``<out>/final``; a sharded model is gathered first (a collective: every rank)."""
+        full = checkpoint.full_state_dict(self.model) if self.config.fsdp else None
+        if self.distributed.is_main:
+            checkpoint.save_final(self.out, self.model, self.tokenizer, merge=self.config.merge,
+                                  state_dict=full)
+        self.distributed.barrier()
+        return self.out / checkpoint.FINAL_DIR
 
 
 def train(config: TrainConfig) -> dict:
@@ -123,11 +136,8 @@ def _prepare(config: TrainConfig, distributed: Distributed, device: torch.device
     plan = DataPlan(tokenized, config.batch_tokens, distributed.world_size * config.grad_accum,
                     config.seed)
     total_steps = plan.total_steps(config.epochs, config.steps)
-    loss_module = LossModule(model, config.sample_reduction, config.impl)
-    if distributed.active:
-        from torch.nn.parallel import DistributedDataParallel
-        loss_module = DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_module = parallel.wrap_for_training(LossModule(model, config.sample_reduction, config.impl),
+                                             model, config, distributed, device)
     optimizer, scheduler = make_optimizer(model, config, total_steps)
     out = Path(config.out)
     if distributed.is_main:
@@ -200,10 +210,7 @@ def _train(run: _Run, progress: bool) -> dict:
     if done:
         last_eval = run.evaluate(run.total_steps, metrics)
         if config.save_final:
-            if distributed.is_main:
-                checkpoint.save_final(run.out, run.model, run.tokenizer, merge=config.merge)
-            distributed.barrier()
-            final_dir = run.out / checkpoint.FINAL_DIR
+            final_dir = run.save_final()
     if distributed.is_main and config.plot:
         plot_metrics(metrics.records, run.out / PLOT_FILE, title=f"fastweight train ({config.weighting})")
         (run.out / "train_config.json").write_text(json.dumps(config.to_json(), indent=1, default=str))
@@ -231,20 +238,19 @@ def _optimizer_step(run: _Run, step: int) -> dict:
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for j, batch in enumerate(batches):
         sample_weights = None if run.weights is None else run.weights[batch["index"].to(device)]
-        synchronize = j == len(batches) - 1 or not distributed.active
-        with contextlib.nullcontext() if synchronize else run.loss_module.no_sync():
+        with parallel.gradient_sync(run.loss_module, j == len(batches) - 1):
             with autocast(device, run.bf16):
                 loss, unweighted_sum = run.loss_module(batch["input_ids"], batch["labels"],
                                                        batch["attention_mask"], sample_weights,
                                                        num_items, True)
-            # DDP averages gradients over ranks; each rank's loss is its share of the global
-            # sum / num_items, so multiply by the world size to get the sum back.
+            # DDP and FSDP average gradients over ranks; each rank's loss is its share of the
+            # global sum / num_items, so multiply by the world size to get the sum back.
             (loss * distributed.world_size).backward()
         sums += torch.stack([loss.detach().double(), unweighted_sum.double()])
     distributed.all_reduce_sum(sums)
     clip = config.clip if config.clip and config.clip > 0 else float("inf")
     params = [p for p in run.model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    grad_norm = parallel.clip_gradients(params, clip)
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()

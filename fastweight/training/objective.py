@@ -42,11 +42,16 @@ class LossModule(nn.Module):
         self.impl = impl
 
     def forward(self, input_ids, labels, attention_mask=None, sample_weights=None, num_items=None,
-                unweighted: bool = False):
+                unweighted: bool = False, evaluate: bool = False):
+        """``evaluate=True`` returns only the unweighted sum of the token losses (the eval
+        loss): it runs through this forward so that an FSDP root gathers the head for it."""
         from fastweight import sequence_losses, weighted_ce
         from fastweight.hf import head_inputs
 
         inputs = head_inputs(self.model, input_ids, labels, attention_mask)
+        if evaluate:
+            return weighted_ce(inputs.hidden, inputs.weight, inputs.labels, reduction="sum",
+                               impl=self.impl, **inputs.loss_options())
         loss = weighted_ce(inputs.hidden, inputs.weight, inputs.labels, sample_weights,
                            sample_reduction=self.sample_reduction, num_items=num_items,
                            impl=self.impl, **inputs.loss_options())
@@ -71,9 +76,16 @@ def autocast(device: torch.device, bf16: bool):
 @torch.no_grad()
 def evaluate_loss(model, tokenized, pad_id: int, *, batch_tokens: int = 8192, device=None,
                   bf16: bool = False, distributed: Distributed | None = None,
-                  impl: str = "auto") -> float:
+                  impl: str = "auto", loss_module: nn.Module | None = None,
+                  lockstep: bool = False) -> float:
     """Mean loss per scored (label != -100) token of ``model`` over ``tokenized``, unweighted;
-    sharded over ranks and all-reduced under torch.distributed."""
+    sharded over ranks and all-reduced under torch.distributed.
+
+    ``loss_module``: run the batches through its ``forward(..., evaluate=True)`` (a sharded
+    ``LossModule``, whose forward gathers its parameters) instead of ``model``'s layers
+    directly. ``lockstep``: every rank runs the same number of forwards (FSDP's are collective);
+    a rank short of batches repeats one and does not count it.
+    """
     from fastweight.hf import causal_lm_loss
 
     distributed = distributed or Distributed()
@@ -82,13 +94,20 @@ def evaluate_loss(model, tokenized, pad_id: int, *, batch_tokens: int = 8192, de
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     batches = micro_batches(tokenized, batch_tokens, shuffle=False, seed=0)
-    for positions in batches[distributed.rank::distributed.world_size]:
-        batch = to_device(tokenized, positions, pad_id, device)
+    mine = batches[distributed.rank::distributed.world_size]
+    rounds = -(-len(batches) // distributed.world_size) if lockstep else len(mine)
+    for k in range(rounds):
+        batch = to_device(tokenized, mine[k] if k < len(mine) else batches[0], pad_id, device)
         with autocast(device, bf16):
-            loss_sum = causal_lm_loss(model, batch["input_ids"], batch["labels"],
-                                      batch.get("attention_mask"), reduction="sum", impl=impl)
-        totals[0] += loss_sum.double()
-        totals[1] += count_items(batch["labels"], "token")
+            if loss_module is not None:
+                loss_sum = loss_module(batch["input_ids"], batch["labels"],
+                                       batch.get("attention_mask"), evaluate=True)
+            else:
+                loss_sum = causal_lm_loss(model, batch["input_ids"], batch["labels"],
+                                          batch.get("attention_mask"), reduction="sum", impl=impl)
+        if k < len(mine):
+            totals[0] += loss_sum.double()
+            totals[1] += count_items(batch["labels"], "token")
     distributed.all_reduce_sum(totals)
     model.train(was_training)
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
