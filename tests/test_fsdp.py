@@ -21,11 +21,11 @@ from fastweight.training import train  # noqa: E402
 STEPS = 4
 
 
-def _torchrun(setup, out: str, *flags: str) -> Path:
+def _torchrun(setup, out: str, *flags: str, scores: bool = True) -> Path:
     d, mp, dp, sp = setup
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fastweight", "train", "--model", mp, "--data", dp, "--scores", sp,
-           "--out", str(d / out), "--lr", "3e-3", "--steps", str(STEPS), "--batch-tokens", "128",
+           "-m", "fastweight", "train", "--model", mp, "--data", dp,
+           *(("--scores", sp) if scores else ()), "--out", str(d / out), "--lr", "3e-3", "--steps", str(STEPS), "--batch-tokens", "128",
            "--warmup", "1", "--no-progress", "--device", "cpu", *flags]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -92,3 +92,27 @@ def test_fsdp_stopped_run_resumes_on_one_process(setup, runs):
     assert rest["done"]
     torch.testing.assert_close(_losses(rest), _metrics(runs["fsdp"]), rtol=1e-5, atol=1e-6)
     _assert_same_params(_final_params(stopped), _final_params(runs["fsdp"]))
+
+
+def test_fsdp_tied_head_matches_ddp(tmp_path):
+    # GPT-2 ties its head to the input embedding: both live in the root unit, so the fused loss
+    # and the embedding share one gathered parameter and one gradient.
+    from hf_fixtures import make_model, make_rows, make_tokenizer, save_pretrained, write_jsonl
+    tok = make_tokenizer()
+    model = make_model("gpt2", vocab_size=len(tok))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    setup = (tmp_path, save_pretrained(tmp_path / "gpt2", model, tok),
+             write_jsonl(tmp_path / "data.jsonl", make_rows(16, hi=10)), None)
+    runs = {kind: _torchrun_unweighted(setup, kind, *flags)
+            for kind, flags in (("ddp", ()), ("fsdp", ("--fsdp",)))}
+    torch.testing.assert_close(_metrics(runs["fsdp"]), _metrics(runs["ddp"]), rtol=1e-5, atol=1e-6)
+    fsdp, ddp = _final_params(runs["fsdp"]), _final_params(runs["ddp"])
+    _assert_same_params(fsdp, ddp)
+    from transformers import AutoModelForCausalLM
+    reloaded = AutoModelForCausalLM.from_pretrained(str(runs["fsdp"] / "final"))
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+
+
+def _torchrun_unweighted(setup, out, *flags):
+    d, mp, dp, _ = setup
+    return _torchrun((d, mp, dp, "unused"), out, "--weighting", "none", *flags, scores=False)

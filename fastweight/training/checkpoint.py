@@ -159,11 +159,17 @@ def _load_sharded(folder: Path, model, optimizer) -> None:
 
 def full_state_dict(model) -> dict:
     """Every parameter of a (possibly sharded) model as a full CPU tensor; a collective, so
-    call it on every rank. Ranks other than 0 get an empty dict (``cpu_offload``)."""
+    call it on every rank. Ranks other than 0 get an empty dict (``cpu_offload``).
+
+    A tied parameter appears once, under its first name (as ``save_pretrained`` writes it):
+    the gathered copies are separate tensors, which safetensors would store twice and a
+    reload would read as untied."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
+    unique = {*dict(model.named_parameters()), *dict(model.named_buffers())}
+    return {name: tensor for name, tensor in full.items() if name in unique}
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
