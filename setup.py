@@ -91,7 +91,8 @@ if __name__ == "__main__":  # pip runs this file as __main__; tests import it to
     setup(
         packages=PACKAGES,
         package_dir={"fastweight": "fastweight", "fastweight.kernels": "kernels", "fastweight.csrc": CSRC},
-        package_data={"fastweight.csrc": [f"*{s}" for s in load_build_recipe().SOURCE_SUFFIXES]},
+        package_data={"fastweight.csrc": [f"*{s}" for s in load_build_recipe().SOURCE_SUFFIXES],
+                      "fastweight.hf": ["*.yaml"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

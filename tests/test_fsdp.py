@@ -116,3 +116,28 @@ def test_fsdp_tied_head_matches_ddp(tmp_path):
 def _torchrun_unweighted(setup, out, *flags):
     d, mp, dp, _ = setup
     return _torchrun((d, mp, dp, "unused"), out, "--weighting", "none", *flags, scores=False)
+
+
+def test_flow_trainer_loss_on_an_fsdp2_sharded_model(setup, tmp_path):
+    # accelerate's FSDP2 shards the model in place, so FlowTrainer sees `model is base`: the
+    # loss must still run through the model's call, whose pre-forward hook gathers the head.
+    pytest.importorskip("accelerate")
+    script = Path(__file__).parent / "fsdp_flow_trainer_script.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script), setup[1], str(tmp_path)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    torch.testing.assert_close(result["sharded"], result["plain"], rtol=1e-5, atol=1e-6)
+
+
+def test_accelerate_fsdp_config_ships_and_parses():
+    pytest.importorskip("accelerate")
+    from accelerate.commands.config.config_args import load_config_from_file
+    import fastweight.hf
+    path = Path(fastweight.hf.__file__).parent / "accelerate_fsdp.yaml"
+    config = load_config_from_file(str(path))
+    assert str(config.distributed_type).endswith("FSDP") and config.mixed_precision == "bf16"
+    assert config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"

@@ -115,11 +115,11 @@ class FlowTrainer(Trainer):
                                   weights, num_items=num_items, sample_reduction=self.sample_reduction,
                                   **self.weighted_ce_options)
 
-        if model is base:
-            loss = loss_fn()
-        else:  # DDP & co.: go through the wrapper's forward
-            with _forward_as(base, loss_fn):
-                loss = model()
+        # Always through the module call, even when nothing wraps the model: DDP needs its
+        # forward, and FSDP2 (accelerate's fsdp_version 2 shards the model in place, so
+        # `model is base`) gathers the embeddings and the LM head in its pre-forward hook.
+        with _forward_as(base, loss_fn):
+            loss = model()
         scaled = num_items is not None
         self.loss_is_scaled_for_ga = scaled
         if scaled and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
