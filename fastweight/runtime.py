@@ -130,6 +130,13 @@ def load_model_and_tokenizer(model_path: str, device: torch.device, dtype: torch
                              tokenizer_path: str | None = None, trainable: bool = False):
     """``AutoModelForCausalLM`` and ``AutoTokenizer`` from a folder or hub name, on ``device``.
 
+    The weights go straight to ``device``: the load runs under ``with torch.device(device)``,
+    which transformers reads as the target, without a ``device_map``. Under torchrun each rank
+    thus streams its own copy from the (memory-mapped) safetensors files onto its own GPU,
+    instead of building a full copy in CPU memory first (8 ranks x an 8B model would need
+    128 GB of CPU memory in bf16), and no rank spreads the model over the node's GPUs as
+    ``device_map="auto"`` would.
+
     A local-looking path that does not exist fails at once (ValueError), without asking the
     hub; a load failure becomes one ValueError naming the flag. ``trainable=False`` puts the
     model in eval mode with gradients off (the scoring pass).
@@ -142,14 +149,15 @@ def load_model_and_tokenizer(model_path: str, device: torch.device, dtype: torch
             raise ValueError(f"{flag} {path!r}: {what}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        except TypeError:  # transformers < 4.56 names it torch_dtype
-            model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
+        with torch.device(device):
+            try:
+                model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            except TypeError:  # transformers < 4.56 names it torch_dtype
+                model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
     except OSError as exc:  # transformers reports a missing or unreachable model as OSError
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"--model {model_path!r}: cannot load it: {first_line}") from None
-    model.to(device)
+    model.to(device)  # a no-op when the load honoured the device; older transformers may not
     if trainable:
         model.train()
     else:
