@@ -141,3 +141,18 @@ def test_accelerate_fsdp_config_ships_and_parses():
     assert str(config.distributed_type).endswith("FSDP") and config.mixed_precision == "bf16"
     assert config.fsdp_config["fsdp_version"] == 2
     assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+def test_fsdp_refuses_to_resume_an_unsharded_checkpoint(setup):
+    d, mp, dp, sp = setup
+    stopped = train(_cfg(setup, "plain_stopped", steps=STEPS, stop_after=1))
+    assert (Path(stopped["out"]) / "checkpoints" / "step-00000001" / "model.safetensors").exists()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fastweight", "train", "--model", mp, "--data", dp, "--scores", sp,
+           "--out", stopped["out"], "--lr", "3e-3", "--steps", str(STEPS), "--batch-tokens", "128",
+           "--warmup", "1", "--no-progress", "--device", "cpu", "--grad-accum", "1", "--fsdp",
+           "--resume"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert "fastweight train: error: checkpoint" in r.stderr and "without --fsdp" in r.stderr

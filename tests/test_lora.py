@@ -92,6 +92,7 @@ def test_lora_cli_merge_writes_the_merged_model(setup, capsys):
                 "--steps", "3", "--batch-tokens", "128", "--lr", "2e-2", "--no-progress",
                 "--lora-r", "4", "--lora-alpha", "16", "--lora-target-modules", "q_proj", "v_proj",
                 "--merge"]) == 0
+    assert "LoRA r=4: " in capsys.readouterr().err
     ids = torch.randint(5, 60, (2, 11))
     merged = AutoModelForCausalLM.from_pretrained(str(out / "final" / "merged")).eval()
     assert not any("lora" in k for k in merged.state_dict())

@@ -6,7 +6,8 @@
 
 Modules: ``config`` (TrainConfig and the CLI flags), ``loop`` (train), ``objective`` (the loss
 and the eval loss), ``plan`` (which rows each step sees), ``weights`` (FLOW weights from a scores
-file), ``optim``, ``checkpoint``, ``metrics`` (metrics.jsonl, summary, curves.png).
+file), ``optim``, ``checkpoint``, ``metrics`` (metrics.jsonl, summary, curves.png), ``lora``
+(``--lora-r``: PEFT adapters), ``parallel`` (DDP, or FSDP2 with ``--fsdp``).
 
 ``TrainConfig`` is imported eagerly (it needs no torch, so the CLI parser stays fast); the rest
 on first use.

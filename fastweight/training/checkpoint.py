@@ -157,6 +157,10 @@ def _load_sharded(folder: Path, model, optimizer) -> None:
                    optim_state_dict=states["optimizer"])
 
 
+def _is_sharded_model(model) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())  # DTensor parameters
+
+
 def full_state_dict(model) -> dict:
     """Every parameter of a (possibly sharded) model as a full CPU tensor; a collective, so
     call it on every rank. Ranks other than 0 get an empty dict (``cpu_offload``).
@@ -188,6 +192,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict:
                          "--lora-r: resume with the same flags")
     if (path / SHARDED_DIR).exists():
         _load_sharded(path / SHARDED_DIR, model, optimizer)
+    elif _is_sharded_model(model):
+        raise ValueError(f"checkpoint {path} was written without --fsdp: resume it without --fsdp "
+                         "(a --fsdp checkpoint, the other way round, loads anywhere)")
     elif is_peft_model(model):
         load_adapter_state(model, load_file(str(path / ADAPTER_FILE), device=str(device)))
     else:

@@ -161,7 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     add("--lora-target-modules", nargs="+", default=["all-linear"], metavar="NAME",
         help="module names to adapt (q_proj v_proj ...); all-linear: every linear layer but the "
-             "LM head")
+             "LM head (default: all-linear)")
     add("--merge", action="store_true",
         help="with --lora-r: also write final/merged/, the model with the adapter merged in")
     add("--fsdp", action="store_true",

@@ -273,11 +273,24 @@ def _announce(run: _Run, resumed_from: Path | None) -> None:
           f"{run.plan.steps_per_epoch} steps/epoch, {run.total_steps} steps, world "
           f"{run.distributed.world_size} x grad_accum {config.grad_accum}, "
           f"weighting={config.weighting}{weights}, device={run.device}{', bf16' if run.bf16 else ''}"
+          f"{_parameters_note(run)}"
           + (f", resumed from {resumed_from.name}" if resumed_from is not None else ""),
           file=sys.stderr)
     warning = few_steps_warning(run.plan, run.total_steps, config, run.distributed.world_size)
     if warning:
         print(f"[fastweight train] {warning}", file=sys.stderr)
+
+
+def _parameters_note(run: _Run) -> str:
+    """", LoRA r=R: T of P parameters trainable" and/or ", FSDP" for the plan line."""
+    note = ""
+    if run.config.lora_r is not None:
+        trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in run.model.parameters())
+        note += f", LoRA r={run.config.lora_r}: {trainable:,} of {total:,} parameters trainable"
+    if run.config.fsdp:
+        note += f", FSDP over {run.distributed.world_size} process(es)"
+    return note
 
 
 def _final_report(summary: dict) -> str:
