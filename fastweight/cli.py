@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable
 
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"fastweight {args.command_name}: error:"
     try:
         return int(_resolve(args.command_run)(args) or 0)
+    except BrokenPipeError:  # the reader went away (`fastweight info | head`): not an error
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stderr at exit
+        return 0
     except UsageError as exc:
         print(f"{prefix} {one_line(exc)}", file=sys.stderr)
         return 2
