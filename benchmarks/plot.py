@@ -130,12 +130,13 @@ def plot_files(paths: list[Path | str], out_dir: Path | str | None = None) -> li
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", nargs="*", help="result files (default: newest in benchmarks/results)")
+    ap.add_argument("json", nargs="*", help="result files (default: the newest with records in benchmarks/results)")
     ap.add_argument("--out", default=None, help="output folder (default: next to each JSON)")
     args = ap.parse_args(argv)
     files = args.json
     if not files:
-        found = sorted(RESULTS_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        found = sorted((p for p in RESULTS_DIR.glob("*.json") if '"records"' in p.read_text()),
+                       key=lambda p: p.stat().st_mtime)
         if not found:
             print("no JSON in benchmarks/results", file=sys.stderr)
             return 1
