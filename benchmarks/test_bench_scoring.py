@@ -226,9 +226,9 @@ def teardown_module(module):
                      "floor_note": "head matmul 2*N*D*V (N padded tokens) at the matmul rate "
                                    "measured in this run"})
     out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = Path(os.environ.get("FASTWEIGHT_SCORE_BENCH_RESULTS") or
                 out_dir / f"scoring-{DEVICE}-{datetime.date.today().isoformat()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_RESULTS, indent=2))
     lines = [f"scoring benchmark ({_RESULTS['device']}, {SHAPE}) -> {path}"]
     for name, r in cases.items():
