@@ -1,16 +1,16 @@
 """Build script: maps ``kernels/`` to ``fastweight.kernels`` and builds ``fastweight._C``.
 
-The extension is optional: ``FASTWEIGHT_BUILD_EXT=0`` skips it, and a missing compiler only
-means the package JIT-builds it on first use (or falls back to PyTorch, with a warning).
-A failed build of the extension warns and never fails the install.
+The extension is optional: ``FASTWEIGHT_BUILD_EXT=0`` skips it, and a missing compiler or a
+failed build only means the package JIT-builds it on first use (or uses another backend, with
+one warning). A failed build of the extension never fails the install.
 
+What is built (sources, flags, build key, CPU or CUDA) comes from
+``fastweight/extension/build.py``, loaded here by path: the JIT loader uses the same file.
 The C++/CUDA sources in ``csrc/`` ship as package data (``fastweight/csrc``) for the JIT build.
-``fastweight._C`` is a ``CppExtension``, or a ``CUDAExtension`` when torch is a CUDA build and
-nvcc is found. Flags and the source hash must agree with ``fastweight/aggregation_ext.py``.
 """
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -20,28 +20,23 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
-CPU_SOURCES = ["ops.cpp", "aggregation.cpp"]
-CUDA_SOURCES = ["aggregation_cuda.cu", "aggregation_cuda_ops.cpp"]
-SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")
 
 
 def _note(msg: str) -> None:
     print(f"fastweight setup: {msg}", file=sys.stderr, flush=True)
 
 
-def _source_hash() -> str:
-    """Same as fastweight.aggregation_ext.source_hash (the loader compares the two)."""
-    h = hashlib.sha256()
-    for f in sorted((ROOT / CSRC).iterdir()):
-        if f.suffix in SOURCE_SUFFIXES and f.is_file():
-            h.update(f.name.encode())
-            h.update(b"\0")
-            h.update(f.read_bytes().replace(b"\r\n", b"\n"))
-            h.update(b"\0")
-    return "h" + h.hexdigest()[:24]
+def load_build_recipe():
+    """``fastweight/extension/build.py`` as a module, without importing the fastweight package."""
+    spec = importlib.util.spec_from_file_location("fastweight_build_recipe",
+                                                  ROOT / "fastweight" / "extension" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
-def _extension():
+def extension():
     """([Extension], cmdclass), or ([], {}) when the extension is not to be built here."""
     if os.environ.get("FASTWEIGHT_BUILD_EXT", "1").strip() == "0":
         _note("FASTWEIGHT_BUILD_EXT=0: not building fastweight._C")
@@ -56,52 +51,47 @@ def _extension():
         return [], {}
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx.split()[0]) is None:
-        _note(f"no C++ compiler ({cxx!r} not on PATH): not building fastweight._C; PyTorch ops will be used")
+        _note(f"no C++ compiler ({cxx!r} not on PATH): not building fastweight._C")
         return [], {}
 
-    home = cpp_extension.CUDA_HOME
-    with_cuda = torch.version.cuda is not None and bool(home) and (Path(home) / "bin" / "nvcc").exists()
-    # Same as fastweight.aggregation_ext.build_key: the loader skips a build for other sources
-    # or another torch (a pip build in an isolated environment may have used another torch).
-    key = "k" + hashlib.sha256(f"{_source_hash()}|{torch.__version__}".encode()).hexdigest()[:24]
-    defines = [f"-DFASTWEIGHT_BUILD_KEY={key}", "-DFASTWEIGHT_PYTHON_MODULE"]
-    if with_cuda:
-        defines.append("-DFASTWEIGHT_WITH_CUDA")
-    sources = [f"{CSRC}/{f}" for f in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
+    recipe = load_build_recipe()
+    with_cuda, why = recipe.cuda_decision(torch.version.cuda, cpp_extension.CUDA_HOME, torch.cuda.is_available())
+    plan = recipe.plan(ROOT / CSRC, torch.__version__, with_cuda)
+    python_module = ["-DFASTWEIGHT_PYTHON_MODULE"]
     make = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     ext = make(
         "fastweight._C",
-        sources,
+        [f"{CSRC}/{f}" for f in plan.sources],
         include_dirs=[str(ROOT / CSRC)],
-        extra_compile_args={"cxx": ["-O3", "-fopenmp", *defines], "nvcc": ["-O3", *defines]},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args={"cxx": [*plan.cflags, *python_module], "nvcc": [*plan.cuda_cflags, *python_module]},
+        extra_link_args=list(plan.ldflags),
     )
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
-        """A failed build warns; the package then JIT-builds or uses PyTorch at run time."""
+        """A failed build warns; the package then JIT-builds or uses another backend at run time."""
 
         def build_extensions(self):
             try:
                 super().build_extensions()
             except Exception as exc:  # noqa: BLE001
                 _note(f"WARNING: building fastweight._C failed ({type(exc).__name__}: {exc}); "
-                      "fastweight will try a JIT build on first use, else use PyTorch")
+                      "fastweight will try a JIT build on first use")
                 self.extensions = []  # nothing to copy or install
 
-    _note(f"building fastweight._C as a {'CUDAExtension' if with_cuda else 'CppExtension'}")
+    _note(f"building fastweight._C as a {'CUDAExtension' if with_cuda else 'CppExtension'} ({why})")
     return [ext], {"build_ext": OptionalBuildExt}
 
 
-ext_modules, cmdclass = _extension()
-
-# fastweight and its subpackages (fastweight.hf, ...), kernels/ as fastweight.kernels, csrc/ as data.
+# fastweight and its subpackages, kernels/ as fastweight.kernels, csrc/ as data.
 PACKAGES = ["fastweight", *(f"fastweight.{p}" for p in find_packages("fastweight")), "fastweight.kernels",
             "fastweight.csrc"]
 
-setup(
-    packages=PACKAGES,
-    package_dir={"fastweight": "fastweight", "fastweight.kernels": "kernels", "fastweight.csrc": CSRC},
-    package_data={"fastweight.csrc": [f"*{s}" for s in SOURCE_SUFFIXES]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # pip runs this file as __main__; tests import it to read the plan
+    ext_modules, cmdclass = extension()
+    setup(
+        packages=PACKAGES,
+        package_dir={"fastweight": "fastweight", "fastweight.kernels": "kernels", "fastweight.csrc": CSRC},
+        package_data={"fastweight.csrc": [f"*{s}" for s in load_build_recipe().SOURCE_SUFFIXES]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

@@ -2,15 +2,15 @@
 //
 // A FRAGMENT, so that the Python layer may define more ops in the same namespace with
 // torch.library.custom_op. Kernels: aggregation.cpp (CPU), aggregation_cuda_ops.cpp (CUDA).
-// Fake (meta) kernels and autograd are registered in Python by fastweight/aggregation_ext.py,
-// which set_python_module names so that torch imports it when it needs them.
+// The ops are called only inside fastweight's Python custom ops (fastweight/aggregation), so
+// they need no fake (meta) kernels and no autograd of their own.
 
 #include <torch/library.h>
 
 #include <string>
 
 // The build passes a hash of the sources and the torch version as a bare token:
-// -DFASTWEIGHT_BUILD_KEY=k0123abcd... (see fastweight/aggregation_ext.py: build_key).
+// -DFASTWEIGHT_BUILD_KEY=k0123abcd... (see fastweight/extension/build.py: build_key).
 #define FASTWEIGHT_STR2(x) #x
 #define FASTWEIGHT_STR(x) FASTWEIGHT_STR2(x)
 #ifdef FASTWEIGHT_BUILD_KEY
@@ -46,7 +46,6 @@ std::string ext_info() {
 }  // namespace fastweight
 
 TORCH_LIBRARY_FRAGMENT(fastweight, m) {
-  m.set_python_module("fastweight.aggregation_ext");
   m.def(
       "agg_coefficients(Tensor valid, Tensor cu_seqlens, Tensor? sample_weights, Tensor? token_weights, "
       "bool per_sample_mean) -> (Tensor, Tensor)");

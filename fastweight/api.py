@@ -1,23 +1,35 @@
-"""The functional entry points: validate, flatten, build the coefficients, dispatch."""
+"""The functional entry points: validate, flatten, build the coefficients, call the ops.
+
+The backend of each op is chosen inside the op (:mod:`fastweight.backends`), so these functions
+trace under ``torch.compile(fullgraph=True)``.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from fastweight import _layout, _validate, aggregation, dispatch, linear_ce_reference, ops
+from fastweight import backends, layout
+from fastweight import validation as _validate
+from fastweight.aggregation import SAMPLE_REDUCTIONS
+from fastweight.aggregation import ops as aggregation_ops
+from fastweight.linear_ce import ops as linear_ce_ops
 
 REDUCTIONS = ("mean", "sum", "none", "sequence")
 
 
 def _check(hidden, weight, labels, sample_weights, token_weights, bias, cu_seqlens, softcap,
-           label_smoothing, ignore_index, sample_reduction, reduction, num_items) -> None:
+           label_smoothing, ignore_index, sample_reduction, reduction, num_items, impl, chunk_bytes) -> None:
     """Every check that reads only metadata."""
     _validate.float_tensor("hidden", hidden)
     _validate.float_tensor("weight", weight)
     _validate.int_tensor("labels", labels)
     _validate.choice("reduction", reduction, REDUCTIONS)
-    _validate.choice("sample_reduction", sample_reduction, aggregation.SAMPLE_REDUCTIONS)
+    _validate.choice("sample_reduction", sample_reduction, SAMPLE_REDUCTIONS)
+    _validate.choice("impl", impl, backends.names("linear_ce"))
     _validate.options(softcap, label_smoothing, ignore_index, num_items)
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                    or chunk_bytes <= 0):
+        raise ValueError(f"`chunk_bytes` must be None or a positive int, got {chunk_bytes!r}")
     if hidden.dim() not in (2, 3):
         raise ValueError(f"`hidden` must be (B, T, D) or (N, D), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -34,6 +46,8 @@ def _check(hidden, weight, labels, sample_weights, token_weights, bias, cu_seqle
         _validate.float_tensor("bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"`bias` must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"`bias` dtype {bias.dtype} differs from `hidden` dtype {hidden.dtype}")
         _validate.same_device("bias", bias, hidden)
     if cu_seqlens is not None:
         _validate.int_tensor("cu_seqlens", cu_seqlens)
@@ -75,7 +89,7 @@ def weighted_ce(hidden: Tensor, weight: Tensor, labels: Tensor, sample_weights: 
 
     Args:
         hidden: (B, T, D) rows, or packed (N, D) with ``cu_seqlens``; fp16, bf16, fp32 or fp64.
-        weight: (V, D) LM-head weight, hidden's dtype. bias: (V,) or None.
+        weight: (V, D) LM-head weight, hidden's dtype. bias: (V,) of hidden's dtype, or None.
         labels: (B, T) or (N,) integer classes; ``ignore_index`` marks tokens that do not count.
         sample_weights: (B,) per-sample weights w (e.g. ``flow_weights``), constants.
         token_weights: per-token weights u shaped like labels, constants.
@@ -86,58 +100,52 @@ def weighted_ce(hidden: Tensor, weight: Tensor, labels: Tensor, sample_weights: 
         sample_reduction: "token" (c_t = w_s u_t) or "mean" (c_t = w_s u_t / n_s).
         reduction: "mean" | "sum" | "none" (per-token, labels' shape, 0 where ignored) |
             "sequence" (per-sample mean valid-token loss, (B,)).
-        num_items: divisor of "mean" (global valid-token or sample count, HF convention).
-        impl: "auto" | "triton" | "torch" | "reference". chunk_bytes: working-memory budget of
-            the chunked PyTorch path (default ``FASTWEIGHT_CHUNK_BYTES`` or 64 MiB).
+        num_items: divisor of "mean" (global valid-token or sample count, HF convention); a
+            positive number or scalar tensor, divided by exactly.
+        impl: "auto" | "triton" | "torch" | "reference" (``FASTWEIGHT_IMPL`` overrides "auto").
+        chunk_bytes: working-memory budget for the logits blocks, honoured by every backend
+            that chunks: default ``FASTWEIGHT_CHUNK_BYTES``, else 768 MiB (Triton) or the larger
+            of 64 MiB and V*D*2 bytes (torch). impl="reference" cannot honour it and raises.
 
     Returns:
         A scalar for mean/sum, else per-token or per-sample losses; fp32 (fp64 for fp64 input).
-        Gradients flow to hidden, weight and bias in their own dtypes.
+        Gradients flow to hidden, weight and bias in their own dtypes, and only to those that
+        require them (a frozen head costs no dW).
+
+    Bad labels: in eager mode with the value checks on, a label outside [0, V) that is not
+    ``ignore_index`` raises ValueError. Under torch.compile, or with the checks off, it gives a
+    NaN loss for that token (so a NaN mean), with no host sync; no backend reads outside a row.
     """
     _check(hidden, weight, labels, sample_weights, token_weights, bias, cu_seqlens, softcap,
-           label_smoothing, ignore_index, sample_reduction, reduction, num_items)
+           label_smoothing, ignore_index, sample_reduction, reduction, num_items, impl, chunk_bytes)
     vocab = weight.shape[0]
     _validate.check_values(labels, vocab, ignore_index, cu_seqlens, labels.numel(),
-                           {"sample_weights": sample_weights, "token_weights": token_weights})
-    flat = _layout.flatten(hidden, labels, cu_seqlens, token_weights, shift, ignore_index)
-    name, _ = dispatch.resolve_linear_ce(impl, hidden.device)
-    cap = float(softcap) if softcap is not None else 0.0
-    ls = float(label_smoothing)
-    cb = int(chunk_bytes or 0)
+                           {"sample_weights": sample_weights, "token_weights": token_weights}, num_items)
+    flat = layout.flatten(hidden, labels, cu_seqlens, token_weights, shift, ignore_index, vocab)
+    # The op schemas take plain numbers: 0 means "not set".
+    options = (float(softcap) if softcap is not None else 0.0, float(label_smoothing), impl, chunk_bytes or 0)
 
     if reduction in ("mean", "sum"):
-        coeff = aggregation.normalised_coefficients(
+        coeff = aggregation_ops.normalised_coefficients(
             flat.valid, flat.cu_seqlens,
             None if sample_weights is None else sample_weights.detach(),
             None if flat.token_weights is None else flat.token_weights.detach(),
             sample_reduction, reduction, num_items,
             dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-        if name == "reference":
-            tok = linear_ce_reference.token_losses(flat.x, weight, bias, flat.targets,
-                                                   softcap=softcap, label_smoothing=ls)
-            return (tok * coeff.to(tok.dtype)).sum()
-        return ops.linear_ce_reduced(flat.x, weight, bias, flat.targets, coeff, cap, ls, name, cb)[0]
+        needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+        return linear_ce_ops.linear_ce_reduced(flat.x, weight, bias, flat.targets, coeff, *options, *needs)[0]
 
-    if reduction == "sequence" and name != "reference" and not torch.is_grad_enabled():
-        backend = dispatch.linear_ce_module(name)
-        if hasattr(backend, "sequence_forward"):
-            return backend.sequence_forward(flat.x, weight, bias, flat.targets, flat.cu_seqlens,
-                                            softcap=softcap, label_smoothing=ls)
-    if name == "reference":
-        tok = linear_ce_reference.token_losses(flat.x, weight, bias, flat.targets,
-                                               softcap=softcap, label_smoothing=ls)
-    else:
-        tok = ops.linear_ce_tokens(flat.x, weight, bias, flat.targets, cap, ls, name, cb)[0]
+    per_token = linear_ce_ops.linear_ce_tokens(flat.x, weight, bias, flat.targets, *options)[0]
     if reduction == "none":
-        return tok.view(flat.shape)
-    return aggregation.segment_mean_unchecked(tok, flat.cu_seqlens, flat.valid)
+        return per_token.view(flat.shape)
+    return aggregation_ops.segment_mean(per_token, flat.cu_seqlens, flat.valid)[0]
 
 
 def sequence_losses(hidden: Tensor, weight: Tensor, labels: Tensor, **options) -> Tensor:
     """Per-sample mean valid-token loss f_i, (B,) fp32: ``weighted_ce(..., reduction="sequence")``.
 
     The scoring pass of FLOW. Under ``torch.no_grad()`` it runs forward only and keeps no
-    gradient state; with the Triton backend the per-sample means come straight from the kernel.
+    gradient state. ``options`` are those of :func:`weighted_ce`; an unknown one raises.
     """
     if options.get("reduction", "sequence") != "sequence":
         raise ValueError(f"sequence_losses always uses reduction='sequence', got {options['reduction']!r}")

@@ -2,41 +2,52 @@
 from __future__ import annotations
 
 import argparse
-import os
-
-import torch
-
-from fastweight import __version__, dispatch
 
 
-def report() -> list[tuple[str, str, str, str]]:
-    """Rows (op, device, backend, reason)."""
+OPS = {"linear_ce": "weighted_ce / sequence_losses", "aggregation": "token_coefficients / segment_mean"}
+
+
+def report() -> list[tuple[str, str, str, str, str]]:
+    """Rows (op, device, dtype, backend, reason): the registry's decision for "auto"."""
+    import torch
+
+    from fastweight import backends
+
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
-        name, why = dispatch.resolve_linear_ce("auto", device)
-        rows.append(("weighted_ce / sequence_losses", device.type, name, why))
-        try:
-            agg, agg_why = dispatch.resolve_aggregation(device)
-        except Exception as exc:  # a bad FASTWEIGHT_AGG_IMPL is worth showing, not crashing on
-            agg, agg_why = "error", str(exc)
-        for op in ("token_coefficients", "segment_mean"):
-            rows.append((op, device.type, agg, agg_why))
+        for op, label in OPS.items():
+            # aggregation backends are chosen by accumulation dtype: fp32, or fp64 for fp64 runs
+            dtypes = (torch.bfloat16, torch.float32, torch.float64) if op == "linear_ce" else (torch.float32, torch.float64)
+            for dtype in dtypes:
+                try:
+                    backend, why = backends.resolve(op, "auto", device, dtype)
+                    name = backend.name
+                except (RuntimeError, ValueError) as exc:  # worth showing, not crashing on
+                    name, why = "error", str(exc)
+                rows.append((label, device.type, str(dtype).removeprefix("torch."), name, why))
     return rows
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the versions, every FASTWEIGHT_* variable and the backend of each op."""
+    import os
+
+    import torch
+
+    from fastweight import __version__, env
+
     print(f"fastweight {__version__}, torch {torch.__version__}, "
           f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
-    for var in ("FASTWEIGHT_IMPL", "FASTWEIGHT_AGG_IMPL", "FASTWEIGHT_CHUNK_BYTES",
-                "FASTWEIGHT_CHECK_VALUES", "FASTWEIGHT_BUILD_EXT", "TRITON_INTERPRET"):
-        if var in os.environ:
-            print(f"  {var}={os.environ[var]}")
+    print("environment:")
+    for var, value in env.current().items():
+        print(f"  {var}={'' if value is None else value}  ({'unset: ' if value is None else ''}{env.VARIABLES[var]})")
+    print(f"  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}")
     rows = report()
-    widths = [max(len(r[i]) for r in rows + [("op", "device", "backend", "why")]) for i in range(3)]
-    print(f"{'op':<{widths[0]}}  {'device':<{widths[1]}}  {'backend':<{widths[2]}}  why")
-    for op, dev, name, why in rows:
-        print(f"{op:<{widths[0]}}  {dev:<{widths[1]}}  {name:<{widths[2]}}  {why}")
+    header = ("op", "device", "dtype", "backend", "why")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    for row in [header] + rows:
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row[:4], widths)) + "  " + row[4])
     return 0
 
 

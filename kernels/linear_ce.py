@@ -1,7 +1,7 @@
 """Fused linear cross-entropy on Triton: the ``impl="triton"`` linear-CE backend.
 
-Same contract as ``fastweight.linear_ce_torch`` (see its docstring): ``forward``,
-``forward_backward``, ``backward`` and the scoring fast path ``sequence_forward``.
+Same contract as ``fastweight.linear_ce.chunked`` (see its docstring): one function,
+``linear_ce``. This module imports nothing from the rest of fastweight.
 
 Design (token-chunked; the (N, V) logits never exist, only a (C, V) block of them):
 
@@ -9,7 +9,8 @@ Design (token-chunked; the (N, V) logits never exist, only a (C, V) block of the
    logits are rounded exactly as a naive ``F.linear`` rounds them.
 2. ``_ce_rows_kernel`` (Triton), one program per BLOCK_M rows, two sweeps over the vocabulary:
    sweep 1 reads the block once for the online logsumexp (softcap, label smoothing,
-   target logit) and writes loss/lse per token; sweep 2 (gradient only) re-reads the block and
+   target logit) and writes loss/lse per token (NaN loss for an invalid label, whose target
+   logit is never read); sweep 2 (gradient only) re-reads the block and
    overwrites it *in place* with d(sum_t c_t l_t)/d(raw logits), in the input dtype. With a
    saved ``lse`` (``backward``) sweep 1 is skipped. Ignored rows are never read; their
    gradient rows are written as zeros.
@@ -19,29 +20,25 @@ Design (token-chunked; the (N, V) logits never exist, only a (C, V) block of the
 So forward+backward costs exactly the 6*N*D*V matmul flops in cuBLAS plus about three passes
 over each (C, V) block (read, read, write) in the row kernel; scoring costs 2*N*D*V plus one
 read. Memory beyond inputs and gradients is one (C, V) block in the input dtype, C chosen from
-``FASTWEIGHT_TRITON_CHUNK_BYTES`` (default 768 MiB) and rounded to a multiple of 128 rows, so
+``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`, 768 MiB) and rounded to a multiple of 128 rows, so
 there are only a few chunks (the (V, D) dW accumulator is touched once per chunk, not once per
 small token block). dW is accumulated in fp32 when the weight is fp32, when there is a single
 chunk (one cuBLAS GEMM, fp32 accumulation inside), or when an fp32 (V, D) buffer fits in a
 quarter of the budget; otherwise it is accumulated in the weight dtype, one rounding per chunk.
 
-Losses and lse are fp32; ``lse`` is 0 at ignored tokens (only their coefficient, 0, is ever
-used with it). fp64 inputs go to the PyTorch backend.
+Only the gradients asked for are computed: a frozen head (``needs[1]`` False) costs 4*N*D*V,
+with no dW buffer. Losses and lse are fp32; ``lse`` is 0 at ignored tokens (only their
+coefficient, 0, is ever used with it). fp16, bf16 and fp32 only: the registry sends fp64
+elsewhere.
 """
 from __future__ import annotations
 
-import itertools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from .aggregation import fix_interpreter_index
-
-fix_interpreter_index()
 
 DEFAULT_CHUNK_BYTES = 768 << 20
 
@@ -51,9 +48,7 @@ ROW_CONFIGS = {
     2: {"BLOCK_M": 1, "BLOCK_V": 4096, "num_warps": 8},  # bf16, fp16
     4: {"BLOCK_M": 1, "BLOCK_V": 2048, "num_warps": 8},  # fp32
 }
-
-# Tests set this to NaN-fill every buffer the launchers allocate, so an unwritten element shows.
-POISON = False
+ROW_CONFIGS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -91,6 +86,8 @@ def _ce_rows_kernel(
     row_in = rows < n_rows
     tgt = tl.load(targets_ptr + rows, mask=row_in, other=-1)
     live = row_in & (tgt >= 0)
+    # An invalid label (>= n_cols) reads no logit: its loss and gradient are NaN instead.
+    invalid = live & (tgt >= n_cols)
     row_ptr = logits_ptr + rows.to(tl.int64) * stride_row
     cols0 = tl.arange(0, BLOCK_V)
     inv_cap = 1.0 / softcap
@@ -115,20 +112,22 @@ def _ce_rows_kernel(
             s = s * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2((z - m_new[:, None]) * _LOG2E), axis=1)
             m = m_new
         lse = m + tl.log2(tl.where(live, s, 1.0)) * _LN2
-        y = tl.where(live, tgt, 0)
-        zy = tl.load(row_ptr + y, mask=live, other=0.0).to(tl.float32)
+        y = tl.where(live & ~invalid, tgt, 0)
+        zy = tl.load(row_ptr + y, mask=live & ~invalid, other=0.0).to(tl.float32)
         if SOFTCAP:
             zy = softcap * _tanh_and_slope(zy * inv_cap)[0]
         loss = lse - zy
         if SMOOTH:
             loss = (1.0 - smoothing) * loss + smoothing * (lse - zsum / n_cols)
         lse = tl.where(live, lse, 0.0)
+        loss = tl.where(invalid, float("nan"), loss)
         tl.store(loss_ptr + rows, tl.where(live, loss, 0.0), mask=row_in)
         tl.store(lse_ptr + rows, lse, mask=row_in)
 
     if GRAD:
         c = tl.load(coeff_ptr + rows, mask=live, other=0.0).to(tl.float32)
         c = tl.where(live, c, 0.0)
+        c = tl.where(invalid, float("nan"), c)
         if SMOOTH:
             c_hit = c * (1.0 - smoothing)
             c_flat = c * (smoothing / n_cols)
@@ -162,42 +161,39 @@ def row_config(dtype: torch.dtype) -> dict:
     return dict(ROW_CONFIGS[torch.empty((), dtype=dtype).element_size()])
 
 
-def _alloc(shape, dtype, device) -> Tensor:
-    if POISON:
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
+def new_buffer(shape, dtype: torch.dtype, device) -> Tensor:
+    """Every buffer the launchers allocate comes from here (tests NaN-fill it to catch an
+    element a kernel forgets to write)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _chunk_rows(n: int, vocab: int, itemsize: int, chunk_tokens: int | None) -> int:
+def chunk_rows(num_tokens: int, vocab: int, itemsize: int, chunk_bytes: int | None) -> int:
     """Rows per chunk: all of them if the (N, V) block fits the budget, else equal chunks
     rounded up to a multiple of 128 rows (for the GEMM tiles) when that still fits."""
-    if chunk_tokens is not None:
-        return max(1, min(n, int(chunk_tokens)))
-    budget = int(os.environ.get("FASTWEIGHT_TRITON_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     max_rows = max(1, budget // max(1, vocab * itemsize))
-    if n <= max_rows:
-        return max(n, 1)
-    n_chunks = math.ceil(n / max_rows)
-    rows = math.ceil(n / n_chunks)
+    if num_tokens <= max_rows:
+        return max(num_tokens, 1)
+    n_chunks = math.ceil(num_tokens / max_rows)
+    rows = math.ceil(num_tokens / n_chunks)
     rounded = math.ceil(rows / 128) * 128
     return rounded if rounded <= max_rows else rows
 
 
-def _launch_rows(z: Tensor, targets, coeff, lse_in, loss, lse, softcap, label_smoothing,
+def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, softcap, label_smoothing,
                  grad: bool, config: dict | None):
-    rows, vocab = z.shape
+    rows, vocab = logits.shape
     if rows == 0:
         return
-    cfg = row_config(z.dtype)
+    cfg = row_config(logits.dtype)
     if config:
         cfg.update(config)
     block_m = cfg["BLOCK_M"]
-    dummy = loss
     _ce_rows_kernel[(triton.cdiv(rows, block_m),)](
-        z, z.stride(0),
+        logits, logits.stride(0),
         targets,
-        coeff if coeff is not None else dummy,
-        lse_in if lse_in is not None else dummy,
+        coeff if coeff is not None else loss,      # unread placeholders when absent
+        lse_in if lse_in is not None else loss,
         loss, lse,
         rows, vocab,
         float(softcap) if softcap is not None else 1.0, float(label_smoothing),
@@ -207,164 +203,77 @@ def _launch_rows(z: Tensor, targets, coeff, lse_in, loss, lse, softcap, label_sm
     )
 
 
-def _run(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, coeff: Tensor | None,
-         lse_in: Tensor | None, softcap, label_smoothing, chunk_tokens, config, dw_fp32_acc):
-    """One pass over the token chunks. Returns (loss, lse, grads or None)."""
+def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, coeff: Tensor | None = None, *,
+              lse: Tensor | None = None, softcap: float | None = None, label_smoothing: float = 0.0,
+              chunk_bytes: int | None = None, needs: tuple[bool, bool, bool] = (True, True, True),
+              config: dict | None = None, dw_fp32_accumulate: bool | None = None):
+    """The linear-CE contract (``fastweight.linear_ce.chunked``): (loss, lse, grads).
+
+    ``config`` overrides the row kernel's launch configuration and ``dw_fp32_accumulate`` the
+    choice of dW accumulator (tests). With a saved ``lse`` the row kernel skips its first sweep
+    and the loss is None."""
+    if x.dtype not in ROW_CONFIGS_DTYPES:
+        raise TypeError(f"the Triton linear-CE kernels take fp16, bf16 or fp32, not {x.dtype}")
     n, d = x.shape
     vocab = weight.shape[0]
-    dev = x.device
+    device = x.device
     x = x.contiguous()
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     targets = targets.contiguous().to(torch.int64)
     grad = coeff is not None
+    need_x, need_w, need_b = needs if grad else (False, False, False)
+    need_b = need_b and bias is not None
     if grad:
         coeff = coeff.to(torch.float32).contiguous()
-    if lse_in is not None:
-        lse_in = lse_in.to(torch.float32).contiguous()
-    loss = _alloc((n,), torch.float32, dev)
-    lse = _alloc((n,), torch.float32, dev)
+    loss = new_buffer((n,), torch.float32, device) if lse is None else None
+    lse_out = new_buffer((n,), torch.float32, device) if lse is None else lse.to(torch.float32).contiguous()
 
-    step = _chunk_rows(n, vocab, x.element_size(), chunk_tokens)
+    step = chunk_rows(n, vocab, x.element_size(), chunk_bytes)
     n_chunks = math.ceil(n / step) if n else 0
-    dx = dw = dw_acc = db32 = None
-    if grad:
-        dx = _alloc((n, d), x.dtype, dev)
-        dw = _alloc((vocab, d), weight.dtype, dev)
-        if dw_fp32_acc is None:
-            budget = int(os.environ.get("FASTWEIGHT_TRITON_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
-            dw_fp32_acc = weight.dtype != torch.float32 and n_chunks > 1 and vocab * d * 4 <= budget // 4
-        dw_acc = torch.zeros(vocab, d, dtype=torch.float32, device=dev) if dw_fp32_acc else dw
+    dx = new_buffer((n, d), x.dtype, device) if need_x else None
+    dw = dw_acc = None
+    if need_w:
+        dw = new_buffer((vocab, d), weight.dtype, device)
+        if dw_fp32_accumulate is None:
+            budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+            dw_fp32_accumulate = weight.dtype != torch.float32 and n_chunks > 1 and vocab * d * 4 <= budget // 4
+        dw_acc = torch.zeros(vocab, d, dtype=torch.float32, device=device) if dw_fp32_accumulate else dw
         if n_chunks == 0:
             dw_acc.zero_()
-        db32 = torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None else None
-    buf = _alloc((min(step, n), vocab), x.dtype, dev) if n else None
+    db32 = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
+    block = new_buffer((min(step, n), vocab), x.dtype, device) if n else None
 
     for i, start in enumerate(range(0, n, step)):
         stop = min(start + step, n)
         xc = x[start:stop]
-        z = buf[: stop - start]
+        z = block[: stop - start]
         if bias is None:
             torch.mm(xc, weight.t(), out=z)
         else:  # the bias in the GEMM epilogue: one rounding, as F.linear does
             torch.addmm(bias, xc, weight.t(), out=z)
-        _launch_rows(z, targets[start:stop],
-                     coeff[start:stop] if grad else None,
-                     lse_in[start:stop] if lse_in is not None else None,
-                     loss[start:stop], lse[start:stop], softcap, label_smoothing, grad, config)
+        # Without a saved lse the loss and lse of the chunk are written; with one, only read.
+        _launch_rows(z, targets[start:stop], coeff[start:stop] if grad else None,
+                     lse_out[start:stop] if lse is not None else None,
+                     loss[start:stop] if loss is not None else lse_out[start:stop],
+                     lse_out[start:stop], softcap, label_smoothing, grad, config)
         if not grad:
             continue
-        torch.mm(z, weight, out=dx[start:stop])
-        if dw_acc is dw:
-            if i == 0:
-                torch.mm(z.t(), xc, out=dw)
+        if need_x:
+            torch.mm(z, weight, out=dx[start:stop])
+        if need_w:
+            if dw_acc is dw:
+                if i == 0:
+                    torch.mm(z.t(), xc, out=dw)
+                else:
+                    dw.addmm_(z.t(), xc)
             else:
-                dw.addmm_(z.t(), xc)
-        else:
-            dw_acc.add_(torch.mm(z.t(), xc))
-        if db32 is not None:
+                dw_acc.add_(torch.mm(z.t(), xc))
+        if need_b:
             db32.add_(z.sum(0, dtype=torch.float32))
     if not grad:
-        return loss, lse, None
-    if dw_acc is not dw:
+        return loss, lse_out, None
+    if need_w and dw_acc is not dw:
         dw.copy_(dw_acc)
-    db = db32.to(bias.dtype) if bias is not None else None
-    return loss, lse, (dx, dw, db)
+    return loss, lse_out, (dx, dw, db32.to(bias.dtype) if need_b else None)
 
-
-def _torch_backend():
-    from fastweight import linear_ce_torch
-
-    return linear_ce_torch
-
-
-def forward(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
-            softcap: float | None = None, label_smoothing: float = 0.0,
-            chunk_tokens: int | None = None, config: dict | None = None, **_) -> tuple[Tensor, Tensor]:
-    """Per-token (loss, lse), both (N,) fp32; no gradient state. lse is 0 at ignored tokens."""
-    if x.dtype == torch.float64:
-        return _torch_backend().forward(x, weight, bias, targets, softcap=softcap, label_smoothing=label_smoothing)
-    loss, lse, _ = _run(x, weight, bias, targets, None, None, softcap, label_smoothing,
-                        chunk_tokens, config, None)
-    return loss, lse
-
-
-def forward_backward(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, coeff: Tensor, *,
-                     softcap: float | None = None, label_smoothing: float = 0.0,
-                     chunk_tokens: int | None = None, config: dict | None = None,
-                     dw_fp32_acc: bool | None = None, **_):
-    """Per-token loss (N,) fp32 and the gradients (dx, dw, db) of sum_t coeff_t * loss_t, in one
-    pass over the vocabulary (6*N*D*V matmul flops). db is None without bias."""
-    if x.dtype == torch.float64:
-        return _torch_backend().forward_backward(x, weight, bias, targets, coeff, softcap=softcap,
-                                                 label_smoothing=label_smoothing)
-    loss, _, (dx, dw, db) = _run(x, weight, bias, targets, coeff, None, softcap, label_smoothing,
-                                 chunk_tokens, config, dw_fp32_acc)
-    return loss, dx, dw, db
-
-
-def backward(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, coeff: Tensor,
-             lse: Tensor | None = None, *, softcap: float | None = None, label_smoothing: float = 0.0,
-             chunk_tokens: int | None = None, config: dict | None = None,
-             dw_fp32_acc: bool | None = None, **_):
-    """Gradients (dx, dw, db) of sum_t coeff_t * loss_t. With the forward's ``lse`` the row
-    kernel makes one read+write sweep per logits block instead of two reads and a write."""
-    if x.dtype == torch.float64:
-        return _torch_backend().backward(x, weight, bias, targets, coeff, lse, softcap=softcap,
-                                         label_smoothing=label_smoothing)
-    _, _, grads = _run(x, weight, bias, targets, coeff, lse, softcap, label_smoothing,
-                       chunk_tokens, config, dw_fp32_acc)
-    return grads
-
-
-def sequence_forward(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor, *,
-                     softcap: float | None = None, label_smoothing: float = 0.0,
-                     chunk_tokens: int | None = None, config: dict | None = None, **_) -> Tensor:
-    """(B,) fp32: mean loss over the valid tokens of each sequence (0 for none); forward only.
-    Per-token losses stay on the device ((N,) fp32) and are reduced by the Triton segment-mean
-    kernel; nothing is kept for a backward."""
-    from . import aggregation
-
-    with torch.no_grad():
-        loss, _ = forward(x, weight, bias, targets, softcap=softcap, label_smoothing=label_smoothing,
-                          chunk_tokens=chunk_tokens, config=config)
-        means, _ = aggregation.segment_mean(loss, cu_seqlens, targets >= 0)
-    return means
-
-
-# --------------------------------------------------------------------------------------------
-# ahead-of-time compile specs (benchmarks/aot_compile.py)
-# --------------------------------------------------------------------------------------------
-_TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def aot_specs():
-    """Every (kernel, dtype, launch config, constexpr variant) the launchers can use: the
-    default config of each dtype, each mode (forward, fwd_bwd, backward with saved lse), every
-    combination of the softcap / label-smoothing flags, with and without the 16-byte alignment
-    specialisation Triton applies at launch (aligned buffers, V a multiple of 16)."""
-    specs = []
-    modes = {"forward": (False, False), "fwd_bwd": (True, False), "backward": (True, True)}
-    for dtype, ty in _TRITON_DTYPES.items():
-        cfg = row_config(dtype)
-        for (mode, (grad, lse_given)), cap, smooth, aligned in itertools.product(
-                modes.items(), (False, True), (False, True), (False, True)):
-            signature = {
-                "logits_ptr": f"*{ty}", "stride_row": "i32", "targets_ptr": "*i64", "coeff_ptr": "*fp32",
-                "lse_in_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
-                "n_rows": "i32", "n_cols": "i32", "softcap": "fp32", "smoothing": "fp32",
-            }
-            constexprs = {"SOFTCAP": cap, "SMOOTH": smooth, "GRAD": grad, "LSE_GIVEN": lse_given,
-                          "BLOCK_M": cfg["BLOCK_M"], "BLOCK_V": cfg["BLOCK_V"]}
-            # What Triton specialises at launch for 16-byte aligned buffers and V % 16 == 0.
-            div16 = [k for k, v in signature.items() if v.startswith("*")] + ["stride_row", "n_cols"]
-            signature.update({k: "constexpr" for k in constexprs})
-            specs.append({
-                "kernel": "_ce_rows_kernel", "fn": _ce_rows_kernel, "dtype": ty,
-                "variant": mode + ("+softcap" if cap else "") + ("+smooth" if smooth else "")
-                + ("+aligned" if aligned else ""),
-                "config": dict(cfg), "signature": signature, "constexprs": constexprs,
-                "divisible_by_16": div16 if aligned else [],
-                "num_warps": cfg["num_warps"], "default": True,
-            })
-    return specs

@@ -18,6 +18,11 @@ if not _HAS_CUDA:
 
 import torch  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from fastweight.testing import patch_triton_interpreter
+
+    patch_triton_interpreter()
+
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:

@@ -63,8 +63,10 @@ def expected(hidden, weight, labels, sample_weights=None, *, token_weights=None,
         return torch.stack(seq)
     if reduction == "sum":
         return total
-    denom = num_items if num_items is not None else (count_seq if sample_reduction == "mean" else count_tok)
-    return total / max(float(denom), 1.0)
+    if num_items is not None:  # divides exactly, whatever its value
+        return total / float(num_items)
+    denom = count_seq if sample_reduction == "mean" else count_tok
+    return total / max(float(denom), 1.0)  # an all-ignored batch: 0 / 1
 
 
 def random_batch(layout: str, *, B=3, T=9, D=13, V=37, dtype=torch.float32, ignore_frac=0.25,

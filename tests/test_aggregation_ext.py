@@ -1,5 +1,6 @@
 """The C++ aggregation ops (fastweight._C: torch.ops.fastweight.agg_*) and the PyTorch backend
-against the PyTorch reference (fastweight.aggregation_torch) and a float64 ground truth.
+against the PyTorch reference (fastweight.aggregation.reference) and a float64 ground truth;
+the custom ops of fastweight.aggregation.ops with the extension pinned; and its loader.
 
 The Triton backend has its own tests. Tests of the extension skip when it is unavailable.
 """
@@ -9,12 +10,15 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-from fastweight import aggregation_ext as ext
-from fastweight import aggregation_torch as ref
+from fastweight.aggregation import extension as ext
+from fastweight.aggregation import ops
+from fastweight.aggregation import reference as ref
+from fastweight.extension import build, loader
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -23,7 +27,13 @@ def out_dtype(backend, dtype):
     """Result dtype of segment_mean and its backward: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
-needs_ext = pytest.mark.skipif(not ext.available(), reason=f"extension unavailable: {ext.status()}")
+needs_ext = pytest.mark.skipif(not loader.load().available, reason=f"extension unavailable: {loader.load().reason}")
+
+
+@pytest.fixture
+def pinned_ext(monkeypatch):
+    """The aggregation custom ops run on the C++ extension."""
+    monkeypatch.setenv("FASTWEIGHT_AGG_IMPL", "ext")
 BACKENDS = [pytest.param(ext, id="ext", marks=needs_ext), pytest.param(ref, id="torch")]
 
 
@@ -225,14 +235,14 @@ def test_segment_mean_backward(backend, layout, dtype):
 
 @needs_ext
 @pytest.mark.parametrize("layout", ["packed", "padded"])
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("dtype", [d for d in FLOATS if d != torch.float64], ids=str)  # fp64 runs: reference
 @pytest.mark.parametrize("upstream", ["random", "sum"])
-def test_segment_mean_autograd_matches_torch(layout, dtype, upstream):
+def test_segment_mean_autograd_matches_torch(layout, dtype, upstream, pinned_ext):
     valid, cu = make_batch(11, layout, num_segments=31, max_len=53)
     base = torch.randn(valid.numel(), dtype=torch.float64).to(dtype)
     x_ext = base.clone().requires_grad_()
     x_ref = base.clone().requires_grad_()
-    m_ext, _ = ext.segment_mean(x_ext, cu, valid)
+    m_ext, _ = ops.segment_mean(x_ext, cu, valid)
     m_ref, _ = ref.segment_mean(x_ref, cu, valid)
     if upstream == "sum":
         m_ext.sum().backward()
@@ -246,14 +256,14 @@ def test_segment_mean_autograd_matches_torch(layout, dtype, upstream):
 
 
 @needs_ext
-def test_segment_mean_double_backward():
+def test_segment_mean_double_backward(pinned_ext):
     valid, cu = make_batch(13, "packed", num_segments=17, max_len=29)
     n = valid.numel()
     x = torch.randn(n, requires_grad=True)
     up = torch.randn(cu.numel() - 1, requires_grad=True)
     results = []
-    for backend in (ext, ref):
-        m, _ = backend.segment_mean(x, cu, valid)
+    for segment_mean in (ops.segment_mean, ref.segment_mean):
+        m, _ = segment_mean(x, cu, valid)
         (gx,) = torch.autograd.grad((m * up).sum(), x, create_graph=True)
         w = torch.linspace(-1, 2, n)
         (gup,) = torch.autograd.grad((gx * w).sum(), up)
@@ -263,11 +273,14 @@ def test_segment_mean_double_backward():
 
 
 @needs_ext
-def test_coefficients_weights_get_no_gradient():
+def test_coefficients_weights_get_no_gradient(pinned_ext):
+    import fastweight as fw
+
     valid, cu = make_batch(2, "packed")
+    labels = torch.where(valid, 1, -100)
     sw = torch.rand(cu.numel() - 1, requires_grad=True)
     tw = torch.rand(valid.numel(), requires_grad=True)
-    c, _ = ext.coefficients(valid, cu, sw, tw, True)
+    c = fw.token_coefficients(labels, sw, token_weights=tw, cu_seqlens=cu, sample_reduction="mean")
     if c.requires_grad:
         c.sum().backward()
     assert sw.grad is None or bool((sw.grad == 0).all())
@@ -324,40 +337,42 @@ def _opcheck_samples():
 @needs_ext
 @pytest.mark.parametrize("per_sample_mean", [False, True])
 @pytest.mark.parametrize("weights", ["none", "both", "bf16"])
-def test_opcheck_coefficients(per_sample_mean, weights):
+def test_opcheck_coefficients(per_sample_mean, weights, pinned_ext):
     valid, cu, sw, tw, _ = _opcheck_samples()
     if weights == "none":
         sw = tw = None
     elif weights == "bf16":
         sw, tw = sw.to(torch.bfloat16), None
-    torch.library.opcheck(torch.ops.fastweight.agg_coefficients.default, (valid, cu, sw, tw, per_sample_mean))
+    torch.library.opcheck(ops.coefficients, (valid, cu, sw, tw, per_sample_mean, False))
 
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_segment_mean(dtype, requires_grad):
+def test_opcheck_segment_mean(dtype, requires_grad, monkeypatch):
+    if dtype != torch.float64:  # fp64 runs are routed to the reference backend
+        monkeypatch.setenv("FASTWEIGHT_AGG_IMPL", "ext")
     valid, cu, _, _, _ = _opcheck_samples()
     values = torch.randn(valid.numel(), dtype=dtype, requires_grad=requires_grad)
-    torch.library.opcheck(torch.ops.fastweight.agg_segment_mean.default, (values, cu, valid))
+    torch.library.opcheck(ops.segment_mean, (values, cu, valid))
 
 
 @needs_ext
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_segment_mean_backward(requires_grad):
+def test_opcheck_segment_mean_backward(requires_grad, pinned_ext):
     valid, cu, _, _, counts = _opcheck_samples()
     grad = torch.randn(cu.numel() - 1, requires_grad=requires_grad)
-    torch.library.opcheck(torch.ops.fastweight.agg_segment_mean_backward.default, (grad, cu, counts, valid))
+    torch.library.opcheck(ops.segment_mean_backward, (grad, cu, counts, valid))
 
 
 @needs_ext
-def test_torch_compile_traces_the_ops():
+def test_torch_compile_traces_the_ops(pinned_ext):
     valid, cu, sw, tw, _ = _opcheck_samples()
     values = torch.randn(valid.numel(), requires_grad=True)
 
     def f(values, valid, cu, sw, tw):
-        c, _ = ext.coefficients(valid, cu, sw, tw, True)
-        means, _ = ext.segment_mean(values * c, cu, valid)
+        c, _ = ops.coefficients(valid, cu, sw, tw, True, False)
+        means, _ = ops.segment_mean(values * c, cu, valid)
         return (means * 2).sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
@@ -396,10 +411,10 @@ def test_bad_arguments_raise():
 # ---------------------------------------------------------------- loading and fallback
 
 def test_status_is_one_line():
-    s = ext.status()
-    assert isinstance(s, str) and s and "\n" not in s
-    assert isinstance(ext.available(), bool)
-    assert ext.available("cpu") == ext.available()
+    status = loader.load()
+    assert isinstance(status.reason, str) and status.reason and "\n" not in status.reason
+    assert isinstance(status.available, bool)
+    assert ("cpu" in status.devices) == status.available
 
 
 def test_stale_prebuilt_is_skipped(tmp_path, monkeypatch):
@@ -408,21 +423,73 @@ def test_stale_prebuilt_is_skipped(tmp_path, monkeypatch):
     import shutil
 
     spec = importlib.util.find_spec("fastweight._C")
-    if spec is None or ext.source_dir() is None:
+    if spec is None or loader.source_dir() is None:
         pytest.skip("no prebuilt fastweight._C, or no sources")
     monkeypatch.delenv("FASTWEIGHT_BUILD_EXT", raising=False)
     monkeypatch.delenv("FASTWEIGHT_EXT_PREBUILT", raising=False)
     src = tmp_path / "csrc"
-    shutil.copytree(ext.source_dir(), src)
-    fresh = ext._try_prebuilt(src)
+    shutil.copytree(loader.source_dir(), src)
+    fresh = loader._try_prebuilt(src)
     if not fresh[0]:
         pytest.skip(f"the installed fastweight._C is not from these sources: {fresh[1]}")
     (src / "aggregation.h").write_text((src / "aggregation.h").read_text() + "\n// edited\n")
-    ok, why = ext._try_prebuilt(src)
+    ok, why = loader._try_prebuilt(src)
     assert not ok and "stale" in why
     monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
-    ok, why = ext._try_prebuilt(ext.source_dir())
+    ok, why = loader._try_prebuilt(loader.source_dir())
     assert not ok and "stale" in why
+
+
+def test_setup_py_and_the_jit_loader_build_the_same_thing():
+    """setup.py takes sources, flags and key from fastweight/extension/build.py, as the loader does."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fastweight_setup_under_test", root / "setup.py")
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)  # not __main__: setup() does not run
+    extensions, _ = setup_py.extension()
+    if not extensions:
+        pytest.skip("setup.py builds no extension here (no compiler or FASTWEIGHT_BUILD_EXT=0)")
+    (ext_module,) = extensions
+    with_cuda, _ = loader.cuda_decision()
+    plan = build.plan(root / "csrc", torch.__version__, with_cuda)
+    assert [Path(s).name for s in ext_module.sources] == list(plan.sources)
+    cxx_flags = ext_module.extra_compile_args["cxx"]
+    assert list(plan.cflags) == cxx_flags[:len(plan.cflags)]
+    assert f"-DFASTWEIGHT_BUILD_KEY={build.build_key(root / 'csrc', torch.__version__)}" in cxx_flags
+
+
+def test_cuda_kernels_only_with_a_gpu_or_an_arch_list(tmp_path, monkeypatch):
+    """A CUDA torch with nvcc but no GPU (a registry torch on a CPU machine) builds the CPU
+    kernels: torch cannot pick an architecture there, and a CUDA build would fail."""
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert build.cuda_decision("13.0", str(home), gpu_visible=False) == (
+        False, "no GPU visible and TORCH_CUDA_ARCH_LIST unset")
+    assert build.cuda_decision("13.0", str(home), gpu_visible=True)[0]
+    assert not build.cuda_decision(None, str(home), gpu_visible=True)[0]
+    assert not build.cuda_decision("13.0", str(tmp_path / "none"), gpu_visible=True)[0]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert build.cuda_decision("13.0", str(home), gpu_visible=False)[0]
+    # The loader asks torch itself: simulate the CUDA wheel, nvcc and no GPU.
+    from torch.utils import cpp_extension
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loader.cuda_decision()[0] is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loader.cuda_decision()[0] is True
+
+
+def test_first_error_line():
+    log = "ninja: build stopped\n[1/3] c++ -c x.cpp\nx.cpp:3:1: error: 'foo' was not declared\nmore\n"
+    assert loader.first_error_line(log) == "x.cpp:3:1: error: 'foo' was not declared"
+    assert loader.first_error_line("Traceback...\nIndexError: list index out of range") == (
+        "IndexError: list index out of range")
 
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
@@ -434,8 +501,9 @@ def _run_python(code: str, **env) -> subprocess.CompletedProcess:
 _PROBE = """
     import warnings
     warnings.simplefilter("always")
-    from fastweight import aggregation_ext as e
-    print(e.available(), "|", e.status())
+    from fastweight.extension import loader
+    status = loader.load()
+    print(status.available, "|", status.reason)
 """
 
 
@@ -447,7 +515,7 @@ def test_build_disabled_falls_back():
 
 
 def test_no_compiler_warns_once_and_falls_back(tmp_path):
-    r = _run_python(_PROBE + "    print(e.available(), e.available('cpu'))\n", FASTWEIGHT_EXT_PREBUILT="0",
+    r = _run_python(_PROBE + "    print(loader.load().available)\n", FASTWEIGHT_EXT_PREBUILT="0",
                     CXX="/nonexistent/c++", FASTWEIGHT_CACHE=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("False | no C++ compiler"), r.stdout
@@ -455,9 +523,35 @@ def test_no_compiler_warns_once_and_falls_back(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_failed_build_is_one_line_once_and_the_retry_advice_works(tmp_path):
+    """A compiler error surfaces as one warning line with the compiler's own message; a later
+    process reuses the verdict and says what to delete; deleting it and fixing the compiler
+    builds."""
+    fake = tmp_path / "bad-c++"
+    # A compiler that answers torch's version probe but fails every compilation.
+    fake.write_text("#!/bin/sh\ncase \" $* \" in *' -c '*) echo 'ops.cpp:1:1: error: simulated compiler failure' >&2; "
+                    "exit 1;; esac\nexec c++ \"$@\"\n")
+    fake.chmod(0o755)
+    cache = tmp_path / "cache"
+    first = _run_python(_PROBE + "    loader.load()\n", FASTWEIGHT_EXT_PREBUILT="0", CXX=str(fake),
+                        FASTWEIGHT_CACHE=str(cache))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("False | JIT build failed in "), first.stdout
+    warning_lines = [line for line in first.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(warning_lines) == 1, first.stderr
+    assert "error: simulated compiler failure" in warning_lines[0]
+    second = _run_python(_PROBE, FASTWEIGHT_EXT_PREBUILT="0", CXX=str(fake), FASTWEIGHT_CACHE=str(cache))
+    assert "JIT build failed earlier" in second.stdout and "to retry" in second.stdout, second.stdout
+    build_dir = second.stdout.split("delete ")[1].split(" to retry")[0]
+    import shutil
+    shutil.rmtree(build_dir)
+    third = _run_python(_PROBE, FASTWEIGHT_EXT_PREBUILT="0", CXX=str(fake), FASTWEIGHT_CACHE=str(cache))
+    assert "JIT build failed in" in third.stdout, third.stdout  # it really tried again
+
+
 def test_unavailable_extension_raises_when_called():
     r = _run_python("""
-        from fastweight import aggregation_ext as e
+        from fastweight.aggregation import extension as e
         import torch
         try:
             e.segment_mean(torch.ones(2), torch.tensor([0, 2]), torch.ones(2, dtype=torch.bool))
@@ -472,7 +566,8 @@ def test_jit_build_path():
     """The JIT build (into the user's cache, so only the first run compiles) gives the same ops."""
     r = _run_python(_PROBE + """
     import torch
-    from fastweight import aggregation_torch as ref
+    from fastweight.aggregation import extension as e
+    from fastweight.aggregation import reference as ref
     valid = torch.tensor([True, False, True, True, False])
     cu = torch.tensor([0, 2, 2, 5])
     w = torch.tensor([1.0, 2.0, 3.0])
@@ -480,6 +575,6 @@ def test_jit_build_path():
     print("ok")
     """, FASTWEIGHT_EXT_PREBUILT="0")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("True | JIT-built in "), r.stdout
+    assert r.stdout.startswith("True | JIT-built "), r.stdout
     assert r.stdout.rstrip().endswith("ok")
     assert r.stderr.count("JIT-building") <= 1 and "Warning" not in r.stderr, r.stderr

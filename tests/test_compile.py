@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fastweight as fw
-from fastweight import ops
+from fastweight.aggregation import ops as aggregation_ops
+from fastweight.linear_ce import ops
 from helpers import random_batch
 
 
@@ -21,22 +22,22 @@ def _op_args(bias: bool, dtype=torch.float32):
 def test_opcheck_linear_ce_ops(bias):
     x, w, b, targets, coeff = _op_args(bias)
     common = (2.0, 0.1, "torch", 4096)
+    needs = (True, True, bias)
     torch.library.opcheck(ops.linear_ce_tokens, (x, w, b, targets) + common)
     lse = ops.linear_ce_tokens(x, w, b, targets, *common)[1]
     torch.library.opcheck(ops.linear_ce_grad, (x.detach(), w.detach(), None if b is None else b.detach(),
-                                               targets, coeff, lse.detach()) + common)
+                                               targets, coeff, lse.detach()) + common + needs)
     # The reduced op scales saved gradients in place; opcheck's repeated backward needs them kept.
     with ops.retain_graph_safe():
-        torch.library.opcheck(ops.linear_ce_reduced, (x, w, b, targets, coeff) + common,
+        torch.library.opcheck(ops.linear_ce_reduced, (x, w, b, targets, coeff) + common + needs,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def test_opcheck_segment_mean():
-    from fastweight.aggregation import _segment_mean_op
     values = torch.randn(11, requires_grad=True)
     cu = torch.tensor([0, 3, 3, 11])
     valid = torch.rand(11) > 0.3
-    torch.library.opcheck(_segment_mean_op, (values, cu, valid))
+    torch.library.opcheck(aggregation_ops.segment_mean, (values, cu, valid))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none", "sequence"])

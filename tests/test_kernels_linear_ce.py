@@ -17,7 +17,8 @@ from conftest import assert_close_to_ref  # noqa: E402
 
 from fastweight.kernels import aggregation as KA  # noqa: E402
 from fastweight.kernels import linear_ce as K  # noqa: E402
-from fastweight.linear_ce_reference import token_losses  # noqa: E402
+from fastweight.linear_ce.reference import token_losses  # noqa: E402
+from fastweight.testing import poison_buffers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, D, V = 37, 29, 203
@@ -26,10 +27,38 @@ SMALL = {"BLOCK_M": 2, "BLOCK_V": 64}
 
 
 @pytest.fixture(autouse=True)
-def poison(monkeypatch):
+def poison():
     """NaN-fill every buffer the launchers allocate: an element a kernel forgets shows up."""
-    monkeypatch.setattr(K, "POISON", True)
-    monkeypatch.setattr(KA, "POISON", True)
+    with poison_buffers():
+        yield
+
+
+def _budget(x, w, chunk_tokens):
+    """The chunk_bytes that makes the launcher take chunks of about ``chunk_tokens`` rows."""
+    return None if chunk_tokens is None else chunk_tokens * w.shape[0] * x.element_size()
+
+
+# The contract's one function, in the three shapes the tests read best.
+def forward(x, w, b, t, *, chunk_tokens=None, **kw):
+    loss, lse, grads = K.linear_ce(x, w, b, t, chunk_bytes=_budget(x, w, chunk_tokens), **kw)
+    assert grads is None
+    return loss, lse
+
+
+def forward_backward(x, w, b, t, c, *, chunk_tokens=None, **kw):
+    loss, _, grads = K.linear_ce(x, w, b, t, c, chunk_bytes=_budget(x, w, chunk_tokens), **kw)
+    return (loss, *grads)
+
+
+def backward(x, w, b, t, c, lse, *, chunk_tokens=None, **kw):
+    return K.linear_ce(x, w, b, t, c, lse=lse, chunk_bytes=_budget(x, w, chunk_tokens), **kw)[2]
+
+
+def sequence_forward(x, w, b, t, cu, **kw):
+    """Per-sample means from the per-token losses by the Triton segment mean (the scoring pass)."""
+    with torch.no_grad():
+        loss, _ = forward(x, w, b, t, **kw)
+        return KA.segment_mean(loss, cu, t >= 0)[0]
 
 
 def make(n=N, d=D, v=V, dtype=torch.float32, bias=False, seed=0, ignore=0.2, scale=2.0):
@@ -111,7 +140,7 @@ DTYPES = [torch.float32, torch.float16]
 def test_forward_backward_every_option(dtype, bias, softcap, ls):
     x, w, b, t, c = make(dtype=dtype, bias=bias, seed=1 + 2 * bias + 4 * (softcap is not None) + 8 * (ls > 0))
     refs = (reference(x, w, b, t, c, softcap, ls, torch.float64), reference(x, w, b, t, c, softcap, ls, dtype))
-    loss, dx, dw, db = K.forward_backward(x, w, b, t, c, softcap=softcap, label_smoothing=ls, config=SMALL)
+    loss, dx, dw, db = forward_backward(x, w, b, t, c, softcap=softcap, label_smoothing=ls, config=SMALL)
     check_all((loss, dx, dw, db), refs, ("loss", "dx", "dw", "db"), x, logits=(w, b, softcap))
     assert (loss[t < 0] == 0).all()
     assert (db is None) == (b is None)
@@ -126,14 +155,14 @@ def test_forward_then_backward_with_saved_lse(dtype, feats, chunk):
     x, w, b, t, c = make(dtype=dtype, bias=feats, seed=7 + feats)
     valid = (t >= 0).cpu()
     refs = (reference(x, w, b, t, c, softcap, ls, torch.float64), reference(x, w, b, t, c, softcap, ls, dtype))
-    loss, lse = K.forward(x, w, b, t, softcap=softcap, label_smoothing=ls, config=SMALL, chunk_tokens=chunk)
+    loss, lse = forward(x, w, b, t, softcap=softcap, label_smoothing=ls, config=SMALL, chunk_tokens=chunk)
     check_all((loss, lse), refs, ("loss", "lse"), x, valid, logits=(w, b, softcap))
     assert (lse[t < 0] == 0).all() and (loss[t < 0] == 0).all()
-    dx, dw, db = K.backward(x, w, b, t, c, lse, softcap=softcap, label_smoothing=ls, config=SMALL,
+    dx, dw, db = backward(x, w, b, t, c, lse, softcap=softcap, label_smoothing=ls, config=SMALL,
                             chunk_tokens=chunk)
     check_all((dx, dw, db), refs, ("dx", "dw", "db"), x)
     # Without the saved lse the kernel recomputes it: same gradients.
-    dx2, dw2, db2 = K.backward(x, w, b, t, c, None, softcap=softcap, label_smoothing=ls, config=SMALL,
+    dx2, dw2, db2 = backward(x, w, b, t, c, None, softcap=softcap, label_smoothing=ls, config=SMALL,
                                chunk_tokens=chunk)
     check_all((dx2, dw2, db2), refs, ("dx", "dw", "db"), x)
 
@@ -143,7 +172,7 @@ def test_forward_then_backward_with_saved_lse(dtype, feats, chunk):
 def test_multi_chunk_weight_gradient(dtype, fp32_acc):
     x, w, b, t, c = make(n=41, dtype=dtype, bias=True, seed=3)
     refs = (reference(x, w, b, t, c, None, 0.0, torch.float64), reference(x, w, b, t, c, None, 0.0, dtype))
-    out = K.forward_backward(x, w, b, t, c, config=SMALL, chunk_tokens=9, dw_fp32_acc=fp32_acc)
+    out = forward_backward(x, w, b, t, c, config=SMALL, chunk_tokens=9, dw_fp32_accumulate=fp32_acc)
     check_all(out, refs, ("loss", "dx", "dw", "db"), x, logits=(w, b, None))
 
 
@@ -152,7 +181,7 @@ def test_default_launch_config(dtype):
     """The production block sizes (one ragged vocabulary tile here) and the default chunking."""
     x, w, b, t, c = make(n=13, dtype=dtype, bias=True, seed=11)
     refs = (reference(x, w, b, t, c, 4.0, 0.05, torch.float64), reference(x, w, b, t, c, 4.0, 0.05, dtype))
-    out = K.forward_backward(x, w, b, t, c, softcap=4.0, label_smoothing=0.05)
+    out = forward_backward(x, w, b, t, c, softcap=4.0, label_smoothing=0.05)
     check_all(out, refs, ("loss", "dx", "dw", "db"), x, logits=(w, b, 4.0))
 
 
@@ -160,7 +189,7 @@ def test_softcap_saturates_without_nan():
     """Large logits: tanh saturates to +-1, the capped softmax stays finite."""
     x, w, b, t, c = make(dtype=torch.float32, seed=5, scale=200.0)
     refs = (reference(x, w, b, t, c, 5.0, 0.1, torch.float64), reference(x, w, b, t, c, 5.0, 0.1, torch.float32))
-    out = K.forward_backward(x, w, b, t, c, softcap=5.0, label_smoothing=0.1, config=SMALL)
+    out = forward_backward(x, w, b, t, c, softcap=5.0, label_smoothing=0.1, config=SMALL)
     check_all(out, refs, ("loss", "dx", "dw", "db"), x)
 
 
@@ -168,20 +197,23 @@ def test_all_ignored_and_empty():
     x, w, b, t, c = make(n=9, bias=True, seed=2)
     t[:] = -1
     c.zero_()
-    loss, dx, dw, db = K.forward_backward(x, w, b, t, c, config=SMALL, chunk_tokens=4)
+    loss, dx, dw, db = forward_backward(x, w, b, t, c, config=SMALL, chunk_tokens=4)
     assert (loss == 0).all() and (dx == 0).all() and (dw == 0).all() and (db == 0).all()
     e = x[:0]
-    loss, dx, dw, db = K.forward_backward(e, w, b, t[:0], c[:0])
+    loss, dx, dw, db = forward_backward(e, w, b, t[:0], c[:0])
     assert loss.shape == (0,) and dx.shape == (0, D) and (dw == 0).all() and (db == 0).all()
-    loss, lse = K.forward(e, w, b, t[:0])
+    loss, lse = forward(e, w, b, t[:0])
     assert loss.shape == lse.shape == (0,)
 
 
-def test_extra_kwargs_are_ignored():
+def test_unknown_options_raise_and_chunk_bytes_is_honoured():
     x, w, b, t, c = make(n=5, seed=4)
-    loss, lse = K.forward(x, w, b, t, chunk_bytes=1 << 20, something_else=3)
-    loss2, _ = K.forward(x, w, b, t, config=SMALL)
+    with pytest.raises(TypeError, match="something_else"):
+        K.linear_ce(x, w, b, t, something_else=3)
+    loss, _ = forward(x, w, b, t, chunk_tokens=2)            # three chunks
+    loss2, _ = forward(x, w, b, t, config=SMALL)             # one chunk
     torch.testing.assert_close(loss, loss2)
+    assert K.chunk_rows(5, V, 4, _budget(x, w, 2)) == 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
@@ -189,7 +221,7 @@ def test_sequence_forward(dtype):
     x, w, b, t, _ = make(n=40, dtype=dtype, bias=True, seed=9)
     cu = torch.tensor([0, 7, 7, 19, 22, 40], device=DEVICE)
     t[19:22] = -1  # a sample with no valid token: mean 0, not NaN
-    means = K.sequence_forward(x, w, b, t, cu, softcap=3.0, label_smoothing=0.1, config=SMALL, chunk_tokens=16)
+    means = sequence_forward(x, w, b, t, cu, softcap=3.0, label_smoothing=0.1, config=SMALL, chunk_tokens=16)
     assert means.dtype == torch.float32 and means.shape == (5,)
 
     def seq_ref(dt):
@@ -204,15 +236,15 @@ def test_sequence_forward(dtype):
     assert_close_to_ref(means.cpu(), seq_ref(torch.float64).cpu(), seq_ref(dtype).cpu(), name="means")
     assert means[1] == 0 and means[3] == 0
     with torch.no_grad():
-        assert K.sequence_forward(x, w, b, t, cu[:1]).shape == (0,)
+        assert sequence_forward(x, w, b, t, cu[:1]).shape == (0,)
 
 
 def test_chunk_rows_plan():
-    assert K._chunk_rows(8192, 256000, 2, None) % 128 == 0
-    rows = K._chunk_rows(8192, 256000, 2, None)
+    assert K.chunk_rows(8192, 256000, 2, None) % 128 == 0
+    rows = K.chunk_rows(8192, 256000, 2, None)
     assert rows * 256000 * 2 <= K.DEFAULT_CHUNK_BYTES
-    assert K._chunk_rows(10, 100, 4, None) == 10
-    assert K._chunk_rows(10, 100, 4, 3) == 3
+    assert K.chunk_rows(10, 100, 4, None) == 10
+    assert K.chunk_rows(10, 100, 4, 3 * 100 * 4) == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,11 +259,11 @@ def test_bf16_forward_backward(feats, chunk):
     refs = (reference(x, w, b, t, c, softcap, ls, torch.float64),
             reference(x, w, b, t, c, softcap, ls, torch.bfloat16))
     a = logit_atol(x, w, b, softcap)
-    out = K.forward_backward(x, w, b, t, c, softcap=softcap, label_smoothing=ls, chunk_tokens=chunk)
+    out = forward_backward(x, w, b, t, c, softcap=softcap, label_smoothing=ls, chunk_tokens=chunk)
     check_all(out, refs, ("loss", "dx", "dw", "db"), x, atol={"loss": a})
-    loss, lse = K.forward(x, w, b, t, softcap=softcap, label_smoothing=ls, chunk_tokens=chunk)
+    loss, lse = forward(x, w, b, t, softcap=softcap, label_smoothing=ls, chunk_tokens=chunk)
     check_all((loss, lse), refs, ("loss", "lse"), x, (t >= 0).cpu(), atol={"loss": a, "lse": a})
-    grads = K.backward(x, w, b, t, c, lse, softcap=softcap, label_smoothing=ls, chunk_tokens=chunk)
+    grads = backward(x, w, b, t, c, lse, softcap=softcap, label_smoothing=ls, chunk_tokens=chunk)
     check_all(grads, refs, ("dx", "dw", "db"), x)
 
 
@@ -240,7 +272,7 @@ def test_bf16_weight_gradient_accumulated_in_bf16():
     """The large-head path: dW summed over 4 chunks by addmm in bf16 (one rounding per chunk)."""
     x, w, b, t, c = make(n=1001, d=257, v=5003, dtype=torch.bfloat16, seed=23, scale=8.0)
     refs = (reference(x, w, b, t, c, None, 0.0, torch.float64), reference(x, w, b, t, c, None, 0.0, torch.bfloat16))
-    out = K.forward_backward(x, w, b, t, c, chunk_tokens=256, dw_fp32_acc=False)
+    out = forward_backward(x, w, b, t, c, chunk_tokens=256, dw_fp32_accumulate=False)
     dw_atol = 4 * torch.finfo(torch.bfloat16).eps * refs[0][3].abs().max().item()
     check_all(out, refs, ("loss", "dx", "dw"), x, atol={"loss": logit_atol(x, w, b, None), "dw": dw_atol})
 
@@ -249,7 +281,7 @@ def test_bf16_weight_gradient_accumulated_in_bf16():
 def test_bf16_sequence_forward():
     x, w, b, t, _ = make(n=777, d=129, v=3001, dtype=torch.bfloat16, seed=22, scale=8.0)
     cu = torch.tensor([0, 100, 100, 500, 777], device=DEVICE)
-    means = K.sequence_forward(x, w, b, t, cu, softcap=30.0)
+    means = sequence_forward(x, w, b, t, cu, softcap=30.0)
     tok = token_losses(x.double(), w.double(), None, t, softcap=30.0)
     valid = t >= 0
     ref = torch.stack([tok[s:e].sum() / max(int(valid[s:e].sum()), 1)

@@ -116,7 +116,7 @@ def test_gradcheck_float64(reduction):
     f = lambda h, w, b: fw.weighted_ce(h, w, labels, sw, bias=b, cu_seqlens=cu, shift=True,  # noqa: E731
                                        softcap=2.0, label_smoothing=0.1, reduction=reduction,
                                        impl="torch", chunk_bytes=1)
-    with fw.ops.retain_graph_safe():
+    with fw.retain_graph_safe():
         assert torch.autograd.gradcheck(f, (hidden.requires_grad_(), weight.requires_grad_(),
                                             bias.requires_grad_()))
 
@@ -128,7 +128,7 @@ def test_second_backward_raises_unless_retain_graph_safe():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward through the same graph twice"):
         loss.backward()
-    with fw.ops.retain_graph_safe():
+    with fw.retain_graph_safe():
         loss = fw.weighted_ce(h, weight, labels)
     h.grad = None
     loss.backward(retain_graph=True)
@@ -234,8 +234,15 @@ def test_token_coefficients_reproduce_the_reduction():
 
 
 def test_chunk_budget_from_env_and_call(monkeypatch):
-    from fastweight import linear_ce_torch
-    assert linear_ce_torch.chunk_tokens(1000, 100, torch.float32, 8 * 100 * 7) == 7
+    from fastweight.linear_ce import chunked, ops
+    assert chunked.chunk_tokens(1000, 100, 16, torch.float32, 8 * 100 * 7) == 7
+    assert chunked.chunk_tokens(2, 100, 16, torch.float32, 8 * 100 * 7) == 2
+    # the documented default: the larger of 64 MiB and V * D * 2 bytes
+    assert chunked.default_chunk_bytes(100, 16) == 64 << 20
+    assert chunked.default_chunk_bytes(128000, 4096) == 128000 * 4096 * 2
+    assert chunked.chunk_tokens(10 ** 6, 100, 16, torch.float32, None) == (64 << 20) // 800
+    # the call's budget, else the environment's, else the backend's default
+    assert ops._options(0.0, 0.0, 0)["chunk_bytes"] is None
     monkeypatch.setenv("FASTWEIGHT_CHUNK_BYTES", str(8 * 100 * 3))
-    assert linear_ce_torch.chunk_tokens(1000, 100, torch.float32, None) == 3
-    assert linear_ce_torch.chunk_tokens(2, 100, torch.float32, None) == 2
+    assert ops._options(0.0, 0.0, 0)["chunk_bytes"] == 2400
+    assert ops._options(0.0, 0.0, 999)["chunk_bytes"] == 999

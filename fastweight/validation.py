@@ -1,19 +1,20 @@
 """Input checks of the public API.
 
 Shape, dtype and option checks read only metadata, so they are free. Checks of tensor values
-(label range, weights, cu_seqlens) need one device-to-host sync; they run together, behind
-``fastweight.set_value_checks`` / ``FASTWEIGHT_CHECK_VALUES`` (on by default), and are skipped
-while ``torch.compile`` traces.
+(label range, weights, cu_seqlens, a tensor num_items) need one device-to-host sync; they run
+together, behind ``fastweight.set_value_checks`` / ``FASTWEIGHT_CHECK_VALUES`` (on by default),
+and are skipped while ``torch.compile`` traces. Without them, a bad label still shows, as a NaN
+loss (see :mod:`fastweight.layout`), and the backends never read outside a row.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
 
+from fastweight import env
+
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_value_checks = os.environ.get("FASTWEIGHT_CHECK_VALUES", "1").strip().lower() not in ("0", "false", "no", "off")
+_value_checks = env.flag("FASTWEIGHT_CHECK_VALUES")
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -25,6 +26,7 @@ def set_value_checks(enabled: bool) -> None:
 
 
 def value_checks_enabled() -> bool:
+    """Whether the value checks run now: enabled, and not inside a torch.compile trace."""
     return _value_checks and not torch.compiler.is_compiling()
 
 
@@ -53,32 +55,47 @@ def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def options(softcap: float | None, label_smoothing: float, ignore_index: int, num_items) -> None:
+    """The scalar options of weighted_ce (metadata only)."""
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise ValueError(f"`softcap` must be None or a positive number, got {softcap!r}")
     if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
         raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"`ignore_index` must be an int, got {ignore_index!r}")
-    if num_items is not None:
-        if isinstance(num_items, Tensor):
-            if num_items.numel() != 1:
-                raise ValueError(f"`num_items` must be a scalar, got shape {tuple(num_items.shape)}")
-        elif isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
-            raise TypeError(f"`num_items` must be a number or a scalar tensor, got {type(num_items).__name__}")
-        elif num_items <= 0:
-            raise ValueError(f"`num_items` must be positive, got {num_items!r}")
+    num_items_type(num_items)
 
 
-def check_values(labels: Tensor, vocab: int, ignore_index: int, cu_seqlens: Tensor | None,
-                 num_tokens: int, weights: dict[str, Tensor | None]) -> None:
-    """All value checks in one host sync; the error path may sync again to name the value."""
+def num_items_type(num_items) -> None:
+    """A number or a one-element tensor; a number must be positive (a tensor's value is a value
+    check). A positive fraction is fine: it divides exactly."""
+    if num_items is None:
+        return
+    if isinstance(num_items, Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(f"`num_items` must be a scalar, got shape {tuple(num_items.shape)}")
+        if num_items.dtype == torch.bool or num_items.dtype.is_complex:
+            raise TypeError(f"`num_items` must be a real number, got a {num_items.dtype} tensor")
+    elif isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
+        raise TypeError(f"`num_items` must be a number or a scalar tensor, got {type(num_items).__name__}")
+    elif not num_items > 0 or num_items == float("inf"):
+        raise ValueError(f"`num_items` must be a positive finite number, got {num_items!r}")
+
+
+def _bad_labels(labels: Tensor, vocab: int | None, ignore_index: int) -> Tensor:
+    out = labels < 0 if vocab is None else (labels < 0) | (labels >= vocab)
+    return out & (labels != ignore_index)
+
+
+def check_values(labels: Tensor | None, vocab: int | None, ignore_index: int, cu_seqlens: Tensor | None,
+                 num_tokens: int, weights: dict[str, Tensor | None], num_items=None) -> None:
+    """All value checks in one host sync; the error path may sync again to name the value.
+    ``vocab=None`` checks only that labels are non-negative or ignore_index."""
     if not value_checks_enabled():
         return
     flags: list[Tensor] = []
     names: list[str] = []
-    counted = labels != ignore_index
-    if labels.numel():
-        flags.append(((labels < 0) | (labels >= vocab)).logical_and(counted).any())
+    if labels is not None and labels.numel():
+        flags.append(_bad_labels(labels, vocab, ignore_index).any())
         names.append("labels")
     for name, w in weights.items():
         if w is not None and w.numel():
@@ -90,15 +107,20 @@ def check_values(labels: Tensor, vocab: int, ignore_index: int, cu_seqlens: Tens
             bad = bad | (cu_seqlens.diff() < 0).any()
         flags.append(bad)
         names.append("cu_seqlens")
+    if isinstance(num_items, Tensor):
+        flags.append(~(num_items > 0).all() | ~torch.isfinite(num_items).all())
+        names.append("num_items")
     if not flags:
         return
     for name, bad in zip(names, torch.stack(flags).tolist()):
         if not bad:
             continue
         if name == "labels":
-            off = labels[((labels < 0) | (labels >= vocab)) & counted][0].item()
-            raise ValueError(
-                f"`labels` holds {off}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+            off = labels[_bad_labels(labels, vocab, ignore_index)][0].item()
+            allowed = "negative" if vocab is None else f"outside [0, {vocab})"
+            raise ValueError(f"`labels` holds {off}, {allowed} and not ignore_index={ignore_index}")
+        if name == "num_items":
+            raise ValueError(f"`num_items` must be a positive finite number, got {num_items.item()!r}")
         if name == "cu_seqlens":
             raise ValueError(
                 f"`cu_seqlens` must be non-decreasing from 0 to N={num_tokens}, got "
