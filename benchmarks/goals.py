@@ -33,15 +33,15 @@ def verdict(records: list[dict], case: str, op: str, impl: str = "fastweight") -
            "ratio_to_best_peer": None, "peak_mem_gib": None,
            "untimed_peers": [r["impl"] for r in group if r["impl"] != impl and not measured(r)]}
     short_on = []
+    best = min(peers, key=lambda r: r["ms"]) if peers else None
+    out["best_peer"] = best["impl"] if best else None
     if mine is None or not measured(mine):
         short_on.append("no fastweight time" + (f" ({mine['error'][:80]})" if mine and mine.get("error") else ""))
     else:
         out["frac_of_floor"] = mine.get("frac_of_floor")
         if out["frac_of_floor"] is None or not out["frac_of_floor"] >= MIN_FRAC_OF_FLOOR:
             short_on.append("floor")
-        if peers:
-            best = min(peers, key=lambda r: r["ms"])
-            out["best_peer"] = best["impl"]
+        if best:
             out["ratio_to_best_peer"] = mine["ms"] / best["ms"]
             if not out["ratio_to_best_peer"] < 1.0:
                 short_on.append("peer")

@@ -54,6 +54,9 @@ def main(argv=None) -> int:
         return 2
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    if args.dry_run:
+        from fastweight.testing import patch_triton_interpreter
+        patch_triton_interpreter()  # the interpreter runs the kernels here, as in the test suite
     from benchmarks import goals, plot
     from benchmarks.cases import GPU_CASES, GPU_DRY_CASES
     from benchmarks.measure import best_rate, floor_at_rate, matmul_rates

@@ -12,7 +12,7 @@ A callable may carry ``.note``: a deviation from the case (e.g. no softcap). A b
 ``Unavailable`` when the implementation is not installed or not supported here.
 
 The naive peer is the library's own reference of the op (the materialised logits,
-``fastweight.linear_ce_reference.token_losses``) weighted by the library's public coefficients
+``fastweight.linear_ce.reference.token_losses``) weighted by the library's public coefficients
 (``fastweight.token_coefficients``) or averaged by ``fastweight.segment_mean``: the same loss
 fastweight computes, so their losses must agree.
 """
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import fastweight
-from fastweight.linear_ce_reference import token_losses
+from fastweight.linear_ce.reference import token_losses
 
 from benchmarks.cases import Inputs
 

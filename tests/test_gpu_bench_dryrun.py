@@ -103,7 +103,8 @@ def test_verdict_without_a_fastweight_time():
     records = _records()
     records[0].update(ms=None, frac_of_floor=None, error="OOM: out of memory")
     v = goals.verdict(records, "c", "fwd_bwd")
-    assert v["status"] == "SHORT" and "OOM" in v["short_on"][0]
+    assert v["status"] == "SHORT" and v["short_on"] == ["no fastweight time (OOM: out of memory)"]
+    assert v["best_peer"] == "compiled" and v["ratio_to_best_peer"] is None
 
 
 def test_goals_cli_reads_a_results_file(tmp_path):
