@@ -190,67 +190,53 @@ std::tuple<at::Tensor, at::Tensor> coefficients_cpu(const at::Tensor& valid, con
                                                      const c10::optional<at::Tensor>& sample_weights,
                                                      const c10::optional<at::Tensor>& token_weights,
                                                      bool per_sample_mean) {
-  check_coefficients_args(valid, cu_seqlens, sample_weights, token_weights);
-  const auto v = valid.contiguous();
-  const auto cu = cu_seqlens.contiguous();
-  const int64_t n = v.numel(), b = cu.numel() - 1;
-  check_cu_seqlens_values(cu, n);
-  c10::optional<at::Tensor> sw, tw;
-  if (sample_weights.has_value()) sw = sample_weights->contiguous();
-  if (token_weights.has_value()) tw = token_weights->contiguous();
-  auto c = at::empty({n}, v.options().dtype(at::kFloat));
-  auto counts = at::empty({b}, cu.options());
-  const void* sw_ptr = sw.has_value() ? sw->data_ptr() : nullptr;
-  const void* tw_ptr = tw.has_value() ? tw->data_ptr() : nullptr;
-  dispatch_weight(sw, "sample_weights", [&](auto sw_tag) {
-    dispatch_weight(tw, "token_weights", [&](auto tw_tag) {
+  auto call = prepare_coefficients(valid, cu_seqlens, sample_weights, token_weights);
+  check_cu_seqlens_values(call.cu_seqlens, call.num_tokens);
+  const void* sw_ptr = call.sample_weights.has_value() ? call.sample_weights->data_ptr() : nullptr;
+  const void* tw_ptr = call.token_weights.has_value() ? call.token_weights->data_ptr() : nullptr;
+  dispatch_weight(call.sample_weights, "sample_weights", [&](auto sw_tag) {
+    dispatch_weight(call.token_weights, "token_weights", [&](auto tw_tag) {
       using SW = decltype(sw_tag);
       using TW = decltype(tw_tag);
+      const auto run = [&](auto per_sample_mean_tag) {
+        coefficients_kernel<SW, TW, decltype(per_sample_mean_tag)::value>(
+            valid_bytes(call.valid), call.cu_seqlens.data_ptr<int64_t>(), call.num_segments, call.num_tokens,
+            sw_ptr, tw_ptr, call.c.data_ptr<float>(), call.counts.data_ptr<int64_t>());
+      };
       if (per_sample_mean) {
-        coefficients_kernel<SW, TW, true>(valid_bytes(v), cu.data_ptr<int64_t>(), b, n, sw_ptr, tw_ptr,
-                                          c.data_ptr<float>(), counts.data_ptr<int64_t>());
+        run(std::true_type{});
       } else {
-        coefficients_kernel<SW, TW, false>(valid_bytes(v), cu.data_ptr<int64_t>(), b, n, sw_ptr, tw_ptr,
-                                           c.data_ptr<float>(), counts.data_ptr<int64_t>());
+        run(std::false_type{});
       }
     });
   });
-  return {c, counts};
+  return {call.c, call.counts};
 }
 
 std::tuple<at::Tensor, at::Tensor> segment_mean_cpu(const at::Tensor& values, const at::Tensor& cu_seqlens,
                                                     const at::Tensor& valid) {
-  check_segment_mean_args(values, cu_seqlens, valid);
-  const auto x = values.contiguous();
-  const auto cu = cu_seqlens.contiguous();
-  const auto v = valid.contiguous();
-  const int64_t n = x.numel(), b = cu.numel() - 1;
-  check_cu_seqlens_values(cu, n);
-  auto means = at::empty({b}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  auto counts = at::empty({b}, cu.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "agg_segment_mean", [&] {
-    segment_mean_kernel<scalar_t>(x.data_ptr<scalar_t>(), cu.data_ptr<int64_t>(), valid_bytes(v), b, n,
-                                  means.data_ptr<acc_t<scalar_t>>(), counts.data_ptr<int64_t>());
+  auto call = prepare_segment_mean(values, cu_seqlens, valid);
+  check_cu_seqlens_values(call.cu_seqlens, call.num_tokens);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.values.scalar_type(), "agg_segment_mean", [&] {
+    segment_mean_kernel<scalar_t>(call.values.data_ptr<scalar_t>(), call.cu_seqlens.data_ptr<int64_t>(),
+                                  valid_bytes(call.valid), call.num_segments, call.num_tokens,
+                                  call.means.data_ptr<acc_t<scalar_t>>(), call.counts.data_ptr<int64_t>());
   });
-  return {means, counts};
+  return {call.means, call.counts};
 }
 
 at::Tensor segment_mean_backward_cpu(const at::Tensor& grad_means, const at::Tensor& cu_seqlens,
                                      const at::Tensor& counts, const at::Tensor& valid) {
-  check_segment_mean_backward_args(grad_means, cu_seqlens, counts, valid);
-  const auto g = grad_means.contiguous();  // a stride-0 upstream gradient becomes B values
-  const auto cu = cu_seqlens.contiguous();
-  const auto cnt = counts.contiguous();
-  const auto v = valid.contiguous();
-  const int64_t n = v.numel(), b = cu.numel() - 1;
-  check_cu_seqlens_values(cu, n);
-  auto out = at::empty({n}, v.options().dtype(g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "agg_segment_mean_backward", [&] {
-    segment_mean_backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), cu.data_ptr<int64_t>(),
-                                           cnt.data_ptr<int64_t>(), valid_bytes(v), b, n,
-                                           out.data_ptr<acc_t<scalar_t>>());
+  auto call = prepare_segment_mean_backward(grad_means, cu_seqlens, counts, valid);
+  check_cu_seqlens_values(call.cu_seqlens, call.num_tokens);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.grad_means.scalar_type(),
+                                  "agg_segment_mean_backward", [&] {
+    segment_mean_backward_kernel<scalar_t>(call.grad_means.data_ptr<scalar_t>(), call.cu_seqlens.data_ptr<int64_t>(),
+                                           call.counts.data_ptr<int64_t>(), valid_bytes(call.valid),
+                                           call.num_segments, call.num_tokens,
+                                           call.grad_values.data_ptr<acc_t<scalar_t>>());
   });
-  return out;
+  return call.grad_values;
 }
 
 }  // namespace

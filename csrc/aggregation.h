@@ -1,4 +1,5 @@
-// Shared argument checks of the fastweight::agg_* ops (metadata only: no value reads, no sync).
+// What the CPU and CUDA wrappers of the fastweight::agg_* ops share: the argument checks
+// (metadata only: no value reads, no sync), dense inputs and allocated outputs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -60,6 +61,69 @@ inline void check_segment_mean_backward_args(const at::Tensor& grad_means, const
   TORCH_CHECK(grad_means.device() == valid.device() && counts.device() == valid.device(),
               "grad_means, counts and valid must be on one device, got ", grad_means.device(), ", ",
               counts.device(), ", ", valid.device());
+}
+
+// Result dtype of segment_mean and its backward: fp64 for fp64 inputs, else fp32.
+inline at::ScalarType accumulation_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
+// One call of agg_coefficients: dense inputs and its outputs c (N,) fp32 and counts (B,) int64.
+struct CoefficientsCall {
+  at::Tensor valid, cu_seqlens;
+  c10::optional<at::Tensor> sample_weights, token_weights;
+  int64_t num_tokens, num_segments;
+  at::Tensor c, counts;
+};
+
+inline CoefficientsCall prepare_coefficients(const at::Tensor& valid, const at::Tensor& cu_seqlens,
+                                             const c10::optional<at::Tensor>& sample_weights,
+                                             const c10::optional<at::Tensor>& token_weights) {
+  check_coefficients_args(valid, cu_seqlens, sample_weights, token_weights);
+  CoefficientsCall call{valid.contiguous(), cu_seqlens.contiguous(), contiguous(sample_weights),
+                        contiguous(token_weights), valid.numel(), cu_seqlens.numel() - 1, {}, {}};
+  call.c = at::empty({call.num_tokens}, call.valid.options().dtype(at::kFloat));
+  call.counts = at::empty({call.num_segments}, call.cu_seqlens.options());
+  return call;
+}
+
+// One call of agg_segment_mean: outputs means (B,) and counts (B,) int64.
+struct SegmentMeanCall {
+  at::Tensor values, cu_seqlens, valid;
+  int64_t num_tokens, num_segments;
+  at::Tensor means, counts;
+};
+
+inline SegmentMeanCall prepare_segment_mean(const at::Tensor& values, const at::Tensor& cu_seqlens,
+                                            const at::Tensor& valid) {
+  check_segment_mean_args(values, cu_seqlens, valid);
+  SegmentMeanCall call{values.contiguous(), cu_seqlens.contiguous(), valid.contiguous(), values.numel(),
+                       cu_seqlens.numel() - 1, {}, {}};
+  call.means = at::empty({call.num_segments}, call.values.options().dtype(accumulation_dtype(values)));
+  call.counts = at::empty({call.num_segments}, call.cu_seqlens.options());
+  return call;
+}
+
+// One call of agg_segment_mean_backward: output grad_values (N,).
+struct SegmentMeanBackwardCall {
+  at::Tensor grad_means, cu_seqlens, counts, valid;
+  int64_t num_tokens, num_segments;
+  at::Tensor grad_values;
+};
+
+inline SegmentMeanBackwardCall prepare_segment_mean_backward(const at::Tensor& grad_means,
+                                                             const at::Tensor& cu_seqlens,
+                                                             const at::Tensor& counts, const at::Tensor& valid) {
+  check_segment_mean_backward_args(grad_means, cu_seqlens, counts, valid);
+  // contiguous(): a stride-0 upstream gradient (from .sum()) becomes B values
+  SegmentMeanBackwardCall call{grad_means.contiguous(), cu_seqlens.contiguous(), counts.contiguous(),
+                               valid.contiguous(), valid.numel(), cu_seqlens.numel() - 1, {}};
+  call.grad_values = at::empty({call.num_tokens}, call.valid.options().dtype(accumulation_dtype(grad_means)));
+  return call;
 }
 
 }  // namespace fastweight

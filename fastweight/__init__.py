@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "weighted_ce": "fastweight.api",
     "sequence_losses": "fastweight.api",
+    "WeightedCEOutput": "fastweight.api",
     "flow_weights": "fastweight.flow",
     "flow_temperature": "fastweight.flow",
     "WeightedCrossEntropy": "fastweight.module",
@@ -28,7 +29,7 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # static tools see the real imports
     from fastweight.aggregation import segment_mean, token_coefficients
-    from fastweight.api import sequence_losses, weighted_ce
+    from fastweight.api import WeightedCEOutput, sequence_losses, weighted_ce
     from fastweight.flow import flow_temperature, flow_weights
     from fastweight.linear_ce.ops import retain_graph_safe
     from fastweight.module import WeightedCrossEntropy

@@ -16,15 +16,18 @@ class WeightedCrossEntropy(torch.nn.Module):
 
     def __init__(self, *, shift: bool = False, ignore_index: int = -100, softcap: float | None = None,
                  label_smoothing: float = 0.0, sample_reduction: str = "token",
-                 reduction: str = "mean", impl: str = "auto", chunk_bytes: int | None = None):
+                 reduction: str = "mean", impl: str = "auto", chunk_bytes: int | None = None,
+                 z_loss: float = 0.0, return_lse: bool = False, return_accuracy: bool = False):
         super().__init__()
         self.options = dict(shift=shift, ignore_index=ignore_index, softcap=softcap,
                             label_smoothing=label_smoothing, sample_reduction=sample_reduction,
-                            reduction=reduction, impl=impl, chunk_bytes=chunk_bytes)
+                            reduction=reduction, impl=impl, chunk_bytes=chunk_bytes, z_loss=z_loss,
+                            return_lse=return_lse, return_accuracy=return_accuracy)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, sample_weights: Tensor | None = None, *,
                 token_weights: Tensor | None = None, bias: Tensor | None = None,
-                cu_seqlens: Tensor | None = None, num_items=None) -> Tensor:
+                cu_seqlens: Tensor | None = None, num_items=None):
+        """The loss of one batch; see :func:`fastweight.weighted_ce` for shapes and options."""
         return weighted_ce(hidden, weight, labels, sample_weights, token_weights=token_weights,
                            bias=bias, cu_seqlens=cu_seqlens, num_items=num_items, **self.options)
 

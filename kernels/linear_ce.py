@@ -33,6 +33,7 @@ elsewhere.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -73,14 +74,17 @@ def _tanh_and_slope(x):
 def _ce_rows_kernel(
     logits_ptr, stride_row,
     targets_ptr, coeff_ptr, lse_in_ptr,
-    loss_ptr, lse_ptr,
+    loss_ptr, lse_ptr, hit_ptr,
     n_rows, n_cols,
-    softcap, smoothing,
-    SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
-    GRAD: tl.constexpr, LSE_GIVEN: tl.constexpr,
+    softcap, smoothing, z_loss,
+    SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
+    GRAD: tl.constexpr, LSE_GIVEN: tl.constexpr, HIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Per-row CE over a (n_rows, n_cols) logits block; optionally its gradient, in place."""
+    """Per-row CE over a (n_rows, n_cols) logits block; optionally its gradient, in place.
+
+    The loss of a row is (1 - smoothing) * (lse - z_y) + smoothing * (lse - mean(z))
+    + z_loss * lse^2; ``hit`` is whether z_y attains the row's maximum (the argmax is right)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < n_rows
@@ -119,6 +123,10 @@ def _ce_rows_kernel(
         loss = lse - zy
         if SMOOTH:
             loss = (1.0 - smoothing) * loss + smoothing * (lse - zsum / n_cols)
+        if ZLOSS:
+            loss += z_loss * lse * lse
+        if HIT:
+            tl.store(hit_ptr + rows, (live & ~invalid & (zy >= m)).to(tl.int8), mask=row_in)
         lse = tl.where(live, lse, 0.0)
         loss = tl.where(invalid, float("nan"), loss)
         tl.store(loss_ptr + rows, tl.where(live, loss, 0.0), mask=row_in)
@@ -129,10 +137,12 @@ def _ce_rows_kernel(
         c = tl.where(live, c, 0.0)
         c = tl.where(invalid, float("nan"), c)
         if SMOOTH:
-            c_hit = c * (1.0 - smoothing)
+            c_target = c * (1.0 - smoothing)
             c_flat = c * (smoothing / n_cols)
         else:
-            c_hit = c
+            c_target = c
+        # d(z_loss * lse^2)/dz = 2 z_loss lse softmax(z): it only rescales the softmax term.
+        c_soft = c * (1.0 + 2.0 * z_loss * lse) if ZLOSS else c
         for v0 in range(0, n_cols, BLOCK_V):
             cols = v0 + cols0
             cmask = cols < n_cols
@@ -142,10 +152,10 @@ def _ce_rows_kernel(
                 t, slope = _tanh_and_slope(z * inv_cap)
                 z = softcap * t
             p = tl.exp2((z - lse[:, None]) * _LOG2E)
-            g = c[:, None] * p
+            g = c_soft[:, None] * p
             if SMOOTH:
                 g -= c_flat[:, None]
-            g = tl.where(cols[None, :] == tgt[:, None], g - c_hit[:, None], g)
+            g = tl.where(cols[None, :] == tgt[:, None], g - c_target[:, None], g)
             if SOFTCAP:
                 g *= slope
             g = tl.where(mask, g, 0.0)
@@ -180,7 +190,7 @@ def chunk_rows(num_tokens: int, vocab: int, itemsize: int, chunk_bytes: int | No
     return rounded if rounded <= max_rows else rows
 
 
-def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, softcap, label_smoothing,
+def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, hits, softcap, label_smoothing, z_loss,
                  grad: bool, config: dict | None):
     rows, vocab = logits.shape
     if rows == 0:
@@ -194,24 +204,40 @@ def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, softcap, lab
         targets,
         coeff if coeff is not None else loss,      # unread placeholders when absent
         lse_in if lse_in is not None else loss,
-        loss, lse,
+        loss, lse, hits if hits is not None else targets,
         rows, vocab,
-        float(softcap) if softcap is not None else 1.0, float(label_smoothing),
-        SOFTCAP=softcap is not None, SMOOTH=bool(label_smoothing),
-        GRAD=grad, LSE_GIVEN=lse_in is not None,
+        float(softcap) if softcap is not None else 1.0, float(label_smoothing), float(z_loss),
+        SOFTCAP=softcap is not None, SMOOTH=bool(label_smoothing), ZLOSS=bool(z_loss),
+        GRAD=grad, LSE_GIVEN=lse_in is not None, HIT=hits is not None,
         BLOCK_M=block_m, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
     )
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One side stream per CUDA device, reused across calls."""
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[key]
+
+
 def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, coeff: Tensor | None = None, *,
               lse: Tensor | None = None, softcap: float | None = None, label_smoothing: float = 0.0,
-              chunk_bytes: int | None = None, needs: tuple[bool, bool, bool] = (True, True, True),
-              config: dict | None = None, dw_fp32_accumulate: bool | None = None):
-    """The linear-CE contract (``fastweight.linear_ce.chunked``): (loss, lse, grads).
+              z_loss: float = 0.0, hits: bool = False, chunk_bytes: int | None = None,
+              needs: tuple[bool, bool, bool] = (True, True, True), config: dict | None = None,
+              dw_fp32_accumulate: bool | None = None, overlap: bool | None = None):
+    """The linear-CE contract (``fastweight.linear_ce.chunked``): (loss, lse, hits, grads).
 
-    ``config`` overrides the row kernel's launch configuration and ``dw_fp32_accumulate`` the
-    choice of dW accumulator (tests). With a saved ``lse`` the row kernel skips its first sweep
-    and the loss is None."""
+    When the tokens do not fit one chunk, ``overlap`` (default: on CUDA) splits the budget into
+    two half-size logits buffers and runs the row kernel and the gradient GEMMs of chunk i on a
+    side stream while the logits GEMM of chunk i+1 runs on the current one; events order the
+    reuse of each buffer. The arithmetic is the same as without streams at the same chunk size,
+    so the results are bit-identical. ``config`` overrides the row kernel's launch
+    configuration and ``dw_fp32_accumulate`` the choice of dW accumulator (tests). With a saved
+    ``lse`` the row kernel skips its first sweep and the loss is None."""
     if x.dtype not in ROW_CONFIGS_DTYPES:
         raise TypeError(f"the Triton linear-CE kernels take fp16, bf16 or fp32, not {x.dtype}")
     n, d = x.shape
@@ -228,52 +254,78 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
         coeff = coeff.to(torch.float32).contiguous()
     loss = new_buffer((n,), torch.float32, device) if lse is None else None
     lse_out = new_buffer((n,), torch.float32, device) if lse is None else lse.to(torch.float32).contiguous()
+    hit_out = new_buffer((n,), torch.int8, device) if hits and lse is None else None
 
-    step = chunk_rows(n, vocab, x.element_size(), chunk_bytes)
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    step = chunk_rows(n, vocab, x.element_size(), budget)
+    overlap = (device.type == "cuda") if overlap is None else overlap
+    double_buffered = overlap and step < n
+    if double_buffered:  # two buffers within the same budget
+        step = chunk_rows(n, vocab, x.element_size(), budget // 2)
     n_chunks = math.ceil(n / step) if n else 0
     dx = new_buffer((n, d), x.dtype, device) if need_x else None
     dw = dw_acc = None
     if need_w:
         dw = new_buffer((vocab, d), weight.dtype, device)
         if dw_fp32_accumulate is None:
-            budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
             dw_fp32_accumulate = weight.dtype != torch.float32 and n_chunks > 1 and vocab * d * 4 <= budget // 4
         dw_acc = torch.zeros(vocab, d, dtype=torch.float32, device=device) if dw_fp32_accumulate else dw
         if n_chunks == 0:
             dw_acc.zero_()
     db32 = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
-    block = new_buffer((min(step, n), vocab), x.dtype, device) if n else None
+    buffers = [new_buffer((min(step, n), vocab), x.dtype, device) for _ in range(2 if double_buffered else 1)] \
+        if n else []
+    streams = double_buffered and device.type == "cuda"
+    main = torch.cuda.current_stream(device) if streams else None
+    side = _side_stream(device) if streams else None
+    buffer_free = [None] * len(buffers)  # events: the side stream is done with buffer k
 
     for i, start in enumerate(range(0, n, step)):
         stop = min(start + step, n)
         xc = x[start:stop]
-        z = block[: stop - start]
+        k = i % len(buffers)
+        z = buffers[k][: stop - start]
+        if streams and buffer_free[k] is not None:
+            main.wait_event(buffer_free[k])
         if bias is None:
             torch.mm(xc, weight.t(), out=z)
         else:  # the bias in the GEMM epilogue: one rounding, as F.linear does
             torch.addmm(bias, xc, weight.t(), out=z)
-        # Without a saved lse the loss and lse of the chunk are written; with one, only read.
-        _launch_rows(z, targets[start:stop], coeff[start:stop] if grad else None,
-                     lse_out[start:stop] if lse is not None else None,
-                     loss[start:stop] if loss is not None else lse_out[start:stop],
-                     lse_out[start:stop], softcap, label_smoothing, grad, config)
-        if not grad:
-            continue
-        if need_x:
-            torch.mm(z, weight, out=dx[start:stop])
-        if need_w:
-            if dw_acc is dw:
-                if i == 0:
-                    torch.mm(z.t(), xc, out=dw)
-                else:
-                    dw.addmm_(z.t(), xc)
-            else:
-                dw_acc.add_(torch.mm(z.t(), xc))
-        if need_b:
-            db32.add_(z.sum(0, dtype=torch.float32))
+        with torch.cuda.stream(side) if streams else contextlib.nullcontext():
+            if streams:
+                side.wait_stream(main)  # the logits of this chunk are written
+            # Without a saved lse the loss and lse of the chunk are written; with one, only read.
+            _launch_rows(z, targets[start:stop], coeff[start:stop] if grad else None,
+                         lse_out[start:stop] if lse is not None else None,
+                         loss[start:stop] if loss is not None else lse_out[start:stop],
+                         lse_out[start:stop], hit_out[start:stop] if hit_out is not None else None,
+                         softcap, label_smoothing, z_loss, grad, config)
+            if grad:
+                _accumulate_gradients(z, xc, weight, dx, dw, dw_acc, db32, start, stop, first=i == 0)
+            if streams:
+                buffer_free[k] = side.record_event()
+    if streams:
+        main.wait_stream(side)
+    hit_out = hit_out.bool() if hit_out is not None else None
     if not grad:
-        return loss, lse_out, None
+        return loss, lse_out, hit_out, None
     if need_w and dw_acc is not dw:
         dw.copy_(dw_acc)
-    return loss, lse_out, (dx, dw, db32.to(bias.dtype) if need_b else None)
+    return loss, lse_out, hit_out, (dx, dw, db32.to(bias.dtype) if need_b else None)
 
+
+def _accumulate_gradients(grad_logits: Tensor, xc: Tensor, weight: Tensor, dx, dw, dw_acc, db32,
+                          start: int, stop: int, first: bool) -> None:
+    """dx rows, dW and db of one chunk from its gradient of the logits (those not None)."""
+    if dx is not None:
+        torch.mm(grad_logits, weight, out=dx[start:stop])
+    if dw is not None:
+        if dw_acc is dw:
+            if first:
+                torch.mm(grad_logits.t(), xc, out=dw)
+            else:
+                dw.addmm_(grad_logits.t(), xc)
+        else:
+            dw_acc.add_(torch.mm(grad_logits.t(), xc))
+    if db32 is not None:
+        db32.add_(grad_logits.sum(0, dtype=torch.float32))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from conftest import LinearCEFloors
+
 
 def sample_ranges(layout: str, labels: torch.Tensor, cu_seqlens: torch.Tensor | None):
     if layout == "rows":
@@ -17,7 +19,7 @@ def sample_ranges(layout: str, labels: torch.Tensor, cu_seqlens: torch.Tensor | 
 
 def expected(hidden, weight, labels, sample_weights=None, *, token_weights=None, bias=None,
              cu_seqlens=None, shift=False, ignore_index=-100, softcap=None, label_smoothing=0.0,
-             sample_reduction="token", reduction="mean", num_items=None):
+             sample_reduction="token", reduction="mean", num_items=None, z_loss=0.0):
     """weighted_ce by the book, in float64, one sample at a time. Differentiable."""
     layout = "rows" if hidden.dim() == 3 else ("packed" if cu_seqlens is not None else "single")
     d = hidden.shape[-1]
@@ -43,7 +45,7 @@ def expected(hidden, weight, labels, sample_weights=None, *, token_weights=None,
                 z = softcap * torch.tanh(z / softcap)
             lse = torch.logsumexp(z, 0)
             y = lab[src].item()
-            loss = (1 - label_smoothing) * (lse - z[y]) + label_smoothing * (lse - z.mean())
+            loss = (1 - label_smoothing) * (lse - z[y]) + label_smoothing * (lse - z.mean()) + z_loss * lse ** 2
             per_token[t] = loss
             losses.append(loss)
             u = tw[src] if tw is not None else 1.0
@@ -99,3 +101,23 @@ def random_batch(layout: str, *, B=3, T=9, D=13, V=37, dtype=torch.float32, igno
     b = torch.randn(V, generator=g) if bias else None
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return cast(hidden), cast(weight), labels, cu, cast(b)
+
+
+def weighted_ce_floors(hidden, weight, labels, kw, upstream, ref):
+    """(LinearCEFloors, the floor of the output ``ref``) of weighted_ce(hidden, weight, labels, **kw)
+    with ``upstream`` (None for a scalar): G by autograd through ``expected`` in float64 with the
+    logits as a leaf, then eps x the magnitudes of the terms of each output (conftest)."""
+    kw64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+    up = upstream.double() if upstream is not None else torch.ones(())
+    objective = lambda h, w, b: (expected(h, w, labels, **dict(kw64, bias=b)) * up).sum()  # noqa: E731
+    floors = LinearCEFloors(hidden, weight, kw.get("bias"), objective, kw.get("softcap"),
+                            kw.get("label_smoothing", 0.0))
+    reduction = kw["reduction"]
+    if reduction == "none":
+        return floors, floors.token_losses(ref)
+    if reduction == "sequence":
+        return floors, floors.sequence_means(ref)
+    # sum_t c_t l_t with c_t >= 0 (the weights here are non-negative) and l_t >= 0 (cross-entropy,
+    # smoothed or not): sum_t |c_t l_t| = |ref|.
+    assert all((kw[k] >= 0).all() for k in ("sample_weights", "token_weights") if kw.get(k) is not None)
+    return floors, floors.loss_sum(ref, ref.abs())

@@ -21,15 +21,15 @@ def _op_args(bias: bool, dtype=torch.float32):
 @pytest.mark.parametrize("bias", [False, True])
 def test_opcheck_linear_ce_ops(bias):
     x, w, b, targets, coeff = _op_args(bias)
-    common = (2.0, 0.1, "torch", 4096)
+    common = (2.0, 0.1, 0.01, "torch", 4096)   # softcap, smoothing, z-loss, impl, chunk_bytes
     needs = (True, True, bias)
-    torch.library.opcheck(ops.linear_ce_tokens, (x, w, b, targets) + common)
-    lse = ops.linear_ce_tokens(x, w, b, targets, *common)[1]
+    torch.library.opcheck(ops.linear_ce_tokens, (x, w, b, targets) + common + (True,))
+    lse = ops.linear_ce_tokens(x, w, b, targets, *common, False)[1]
     torch.library.opcheck(ops.linear_ce_grad, (x.detach(), w.detach(), None if b is None else b.detach(),
                                                targets, coeff, lse.detach()) + common + needs)
     # The reduced op scales saved gradients in place; opcheck's repeated backward needs them kept.
     with ops.retain_graph_safe():
-        torch.library.opcheck(ops.linear_ce_reduced, (x, w, b, targets, coeff) + common + needs,
+        torch.library.opcheck(ops.linear_ce_reduced, (x, w, b, targets, coeff) + common + (True,) + needs,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

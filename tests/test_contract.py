@@ -242,3 +242,46 @@ class _NoSpy:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("softcap,smoothing", [(None, 0.0), (3.0, 0.1)], ids=["plain", "cap+smooth"])
+def test_z_loss_lse_and_accuracy_against_float64(impl, reduction, softcap, smoothing):
+    """z-loss enters the loss and every gradient; lse and accuracy are per token, labels-shaped."""
+    hidden, weight, labels, cu, bias = random_batch("packed", B=3, T=6, D=9, V=17, bias=True, seed=8)
+    sw = torch.rand(cu.numel() - 1, generator=torch.Generator().manual_seed(8)) if reduction == "mean" else None
+    options = dict(cu_seqlens=cu, bias=bias, shift=True, softcap=softcap, label_smoothing=smoothing,
+                   reduction=reduction, z_loss=0.2)
+    z = hidden.double() @ weight.double().T + bias.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    # Under shift, the target of input position t is label t+1 of its sequence.
+    counted_positions = [t for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()) for t in range(s, e - 1)
+                         if labels[t + 1] != -100]
+    right, wrong = counted_positions[0], counted_positions[1]
+    labels[right + 1] = z[right].argmax()
+    labels[wrong + 1] = (z[wrong].argmax() + 1) % weight.shape[0]
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fw.weighted_ce(h, w, labels, sw, impl=impl, return_lse=True, return_accuracy=True, **options)
+    assert isinstance(out, fw.WeightedCEOutput)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    truth = expected(h64, w64, labels, None if sw is None else sw.double(), **{**options, "bias": bias.double()})
+    upstream = torch.randn(truth.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (out.loss.double() * upstream).sum().backward()
+    (truth * upstream).sum().backward()
+    torch.testing.assert_close(out.loss.double(), truth.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+    # A z-loss of 0.2 moves the loss: the test above would catch a backend that ignored it.
+    plain = fw.weighted_ce(hidden, weight, labels, sw, impl=impl, **{**options, "z_loss": 0.0})
+    assert not torch.allclose(plain, out.loss.detach())
+    counted = torch.zeros(labels.shape, dtype=torch.bool)
+    counted[counted_positions] = True
+    target = torch.full_like(labels, -100)
+    target[counted_positions] = labels[[t + 1 for t in counted_positions]]
+    assert out.lse.shape == out.accuracy.shape == labels.shape and out.accuracy.dtype == torch.bool
+    torch.testing.assert_close(out.lse[counted].double(), torch.logsumexp(z, -1)[counted], rtol=1e-5, atol=1e-5)
+    assert (out.lse[~counted] == 0).all() and not out.accuracy[~counted].any()
+    assert torch.equal(out.accuracy[counted], z.argmax(-1)[counted] == target[counted])
+    assert out.accuracy[right] and not out.accuracy[wrong]

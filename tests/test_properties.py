@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastweight as fw
-from helpers import expected
+from conftest import assert_close_to_ref
+from helpers import expected, weighted_ce_floors
 
 
 @st.composite
@@ -44,9 +45,57 @@ def test_random_packed_batches(batch, reduction):
     he = hidden.clone().requires_grad_()
     we = weight.clone().requires_grad_()
     ref = expected(he, we, labels, sw if weighted else None, **kw)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    hn = hidden.clone().requires_grad_()
+    wn = weight.clone().requires_grad_()
+    naive = fw.weighted_ce(hn, wn, labels, sw if weighted else None, impl="reference", **kw)
     up = torch.randn(out.shape, dtype=torch.float64)
+    floors, out_floor = weighted_ce_floors(hidden, weight, labels, dict(kw, sample_weights=sw if weighted else None),
+                                           up if out.dim() else None, ref)
+    assert_close_to_ref(out, ref, naive, floor=out_floor, name="out")
     g_fast = torch.autograd.grad(out, (h, w), up)
     g_ref = torch.autograd.grad(ref, (he, we), up, allow_unused=True)
-    for a, b in zip(g_fast, g_ref):
-        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-9, atol=1e-10)
+    g_naive = torch.autograd.grad(naive, (hn, wn), up, allow_unused=True)
+    for name, a, b, n, floor in zip(("d_hidden", "d_weight"), g_fast, g_ref, g_naive, (floors.dx, floors.dw)):
+        b = b if b is not None else torch.zeros_like(a)
+        n = n if n is not None else torch.zeros_like(a)
+        assert_close_to_ref(a, b, n, floor=floor(b), name=name)
+
+
+def _loss_and_grads(fn, hidden, weight, labels, sw, kw, upstream):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = fn(h, w, labels, sw, kw["cu_seqlens"], kw["token_weights"])
+    return out, torch.autograd.grad(out, (h, w), upstream)
+
+
+# Time-boxed: each new combination of options compiles once (a few seconds on 2 cores).
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(packed_batches(), st.sampled_from(["mean", "none"]), st.booleans())
+def test_compiled_equals_eager_and_a_bad_label_is_nan(batch, reduction, inject_bad_label):
+    hidden, weight, labels, cu, sw, tw, opts, _ = batch
+    hidden, weight, sw = hidden.float(), weight.float(), sw.float()
+    weighted = reduction == "mean"
+    kw = dict(cu_seqlens=cu, token_weights=tw.float() if (weighted and tw is not None) else None)
+    inject_bad_label = inject_bad_label and labels.numel() > 0
+    if inject_bad_label:  # token 0 (unshifted) gets a label outside [0, V): its loss must be NaN
+        opts = dict(opts, shift=False)
+        labels = labels.clone()
+        labels[0] = weight.shape[0] + 5
+    options = dict(opts, reduction=reduction, impl="torch")
+
+    def loss(h, w, y, s, cu_seqlens, token_weights):
+        return fw.weighted_ce(h, w, y, s if weighted else None, cu_seqlens=cu_seqlens,
+                              token_weights=token_weights, **options)
+
+    upstream = torch.ones(()) if weighted else torch.randn(labels.shape)
+    compiled = torch.compile(loss, backend="aot_eager", dynamic=True)
+    got, got_grads = _loss_and_grads(compiled, hidden, weight, labels, sw, kw, upstream)
+    if inject_bad_label:
+        assert torch.isnan(got if weighted else got[0])
+        if not weighted:  # the other tokens are untouched
+            assert torch.isfinite(got[1:]).all()
+        return
+    want, want_grads = _loss_and_grads(loss, hidden, weight, labels, sw, kw, upstream)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
-"""Loss-aggregation ops in plain PyTorch: the reference for the Triton and C++/CUDA backends.
+"""Loss-aggregation ops in plain PyTorch: the reference for the Triton and C++/CUDA backends,
+and the backend of fp64 runs.
 
-Every aggregation backend (this module, ``fastweight.aggregation_ext`` and
+Every aggregation backend (this module, :mod:`fastweight.aggregation.extension` and
 ``fastweight.kernels.aggregation``) exposes the same three functions with the same contract.
 All work on the flattened layout: N tokens, B segments given by ``cu_seqlens``
 (int64, (B+1,), non-decreasing from 0 to N) and a bool mask ``valid`` (N,) of the tokens that

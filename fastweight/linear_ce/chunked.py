@@ -9,14 +9,18 @@ Contract of every linear-CE backend (this module, :mod:`.reference` and
 ``fastweight.kernels.linear_ce``): one function,
 
     linear_ce(x, weight, bias, targets, coeff=None, *, lse=None, softcap=None,
-              label_smoothing=0.0, chunk_bytes=None, needs=(True, True, True))
-        -> (loss, lse, grads)
+              label_smoothing=0.0, z_loss=0.0, hits=False, chunk_bytes=None,
+              needs=(True, True, True))
+        -> (loss, lse, hits, grads)
 
 - ``x`` (N, D) and ``weight`` (V, D) share a float dtype; ``bias`` is (V,) or None.
 - ``targets`` (N,) int64: -1 for a token that does not count, [0, V) a class, V an invalid
   label (its loss and gradient are NaN; :mod:`fastweight.layout`).
-- ``loss`` and ``lse`` (N,) are fp32 (fp64 for fp64 inputs), 0 where targets < 0. With a
-  saved ``lse`` given, a backend may skip the loss (``loss`` is then None).
+- ``loss`` and ``lse`` (N,) are fp32 (fp64 for fp64 inputs), 0 where targets < 0. The loss of
+  a token is (1 - e) * (lse - z_y) + e * (lse - mean(z)) + z_loss * lse^2 (e the smoothing).
+  With a saved ``lse`` given, a backend may skip the loss (``loss`` is then None).
+- ``hits`` (N,) bool, when asked for (and no ``lse`` given): whether z_y is the row's maximum,
+  False where targets < 0 or invalid; else None.
 - With ``coeff`` (N,) (the per-token coefficients c of DESIGN.md), ``grads`` = (dx, dw, db) of
   sum_t c_t * l_t in the dtypes of x, weight, bias; an entry is None where ``needs`` says it
   is not wanted (a frozen LM head computes no dW at all), and db is None without bias.
@@ -58,26 +62,34 @@ def _logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | Non
     return out
 
 
-def _softmax_and_lse(z: Tensor, probs: Tensor) -> Tensor:
-    """Leaves softmax(z) in ``probs``; returns the lse of each row."""
+def _softmax_and_lse(z: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Leaves softmax(z) in ``probs``; returns the lse and the max of each row."""
     torch.ops.aten._softmax.out(z, 1, False, out=probs)
+    z_max = z.amax(1)
     # The largest probability is at least 1/V, so its log is exact enough and never -inf.
-    return z.amax(1) - probs.amax(1).log()
+    return z_max - probs.amax(1).log(), z_max
 
 
-def _token_loss(z: Tensor, lse: Tensor, target_logit: Tensor, label_smoothing: float) -> Tensor:
+def _token_loss(z: Tensor, lse: Tensor, target_logit: Tensor, label_smoothing: float, z_loss: float) -> Tensor:
     loss = lse - target_logit
     if label_smoothing:
         loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z.mean(1))
+    if z_loss:
+        loss = loss + z_loss * lse.square()
     return loss
 
 
-def _grad_logits_(probs: Tensor, z: Tensor, classes: Tensor, coeff: Tensor, softcap: float | None,
-                  label_smoothing: float) -> Tensor:
+def _softmax_coefficient(coeff: Tensor, lse: Tensor, z_loss: float) -> Tensor:
+    """The softmax term's coefficient: d(z_loss * lse^2)/dz = 2 z_loss lse softmax(z) adds to it."""
+    return coeff * (1.0 + 2.0 * z_loss * lse) if z_loss else coeff
+
+
+def _grad_logits_(probs: Tensor, z: Tensor, classes: Tensor, coeff: Tensor, softmax_coeff: Tensor,
+                  softcap: float | None, label_smoothing: float) -> Tensor:
     """Turn ``probs`` into d(sum c*l)/d(raw logits), in place. Overwrites ``z`` when capped.
     ``coeff`` is 0 on ignored rows, so their one-hot term vanishes with it."""
     vocab = probs.shape[1]
-    probs.mul_(coeff.unsqueeze(1))
+    probs.mul_(softmax_coeff.unsqueeze(1))
     if label_smoothing:
         probs.sub_((coeff * (label_smoothing / vocab)).unsqueeze(1))
     rows = torch.arange(probs.shape[0], device=probs.device)
@@ -145,8 +157,9 @@ class _Gradients:
 
 def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, coeff: Tensor | None = None, *,
               lse: Tensor | None = None, softcap: float | None = None, label_smoothing: float = 0.0,
-              chunk_bytes: int | None = None, needs: tuple[bool, bool, bool] = (True, True, True)):
-    """The linear-CE contract (module docstring): (loss, lse, grads), one pass over the chunks.
+              z_loss: float = 0.0, hits: bool = False, chunk_bytes: int | None = None,
+              needs: tuple[bool, bool, bool] = (True, True, True)):
+    """The linear-CE contract (module docstring): (loss, lse, hits, grads), one pass over the chunks.
 
     With a saved ``lse`` the softmax is exp(z - lse) directly (no max or sum over the block)
     and the loss is not recomputed (None)."""
@@ -155,6 +168,7 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     loss_out = None if lse is not None else torch.empty(n, dtype=acc, device=x.device)
     lse_out = torch.empty(n, dtype=acc, device=x.device) if lse is None else lse.to(acc)
+    hits_out = torch.empty(n, dtype=torch.bool, device=x.device) if hits and lse is None else None
     grads = _Gradients(x, weight, bias, acc, needs) if coeff is not None else None
     step = chunk_tokens(n, vocab, d, x.dtype, chunk_bytes)
     plain = softcap is None and not label_smoothing and x.dtype == acc
@@ -170,33 +184,39 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
             c = torch.where(valid, coeff[start:stop].to(acc), 0.0).masked_fill(invalid, float("nan"))
         z = _logits(xc, weight, bias, softcap, out=z_buf[: stop - start])
         if lse is not None:  # ignored rows: exp(z - inf) = 0, never an overflow
-            lse_c = torch.where(valid, lse_out[start:stop], float("inf"))
+            saved_lse = lse_out[start:stop]
+            lse_c = torch.where(valid, saved_lse, float("inf"))
         if plain:
             target_logit = z.gather(1, classes.unsqueeze(1)).squeeze(1)
             if lse is None:
                 z_max = z.amax(1, keepdim=True)
                 z.sub_(z_max).exp_()                  # z <- exp(z - max), in place
                 sum_exp = z.sum(1)
-                lse_c = z_max.squeeze(1) + sum_exp.log()
-                row_scale = None if c is None else c / sum_exp
+                z_max = z_max.squeeze(1)
+                lse_c = z_max + sum_exp.log()
+                row_scale = None if c is None else _softmax_coefficient(c, lse_c, z_loss) / sum_exp
             else:
                 z.sub_(lse_c.unsqueeze(1)).exp_()     # z <- softmax
-                row_scale = c
+                row_scale = None if c is None else _softmax_coefficient(c, saved_lse, z_loss)
             if grads is not None:
                 grads.add_plain(xc, weight, z, row_scale.unsqueeze(1), classes, c, start, stop)
         else:
             probs = p_buf[: stop - start]
             if lse is None:
-                lse_c = _softmax_and_lse(z, probs)
+                lse_c, z_max = _softmax_and_lse(z, probs)
                 target_logit = z.gather(1, classes.unsqueeze(1)).squeeze(1)
-                loss_c = _token_loss(z, lse_c, target_logit, label_smoothing)
+                loss_c = _token_loss(z, lse_c, target_logit, label_smoothing, z_loss)
             else:
                 torch.sub(z, lse_c.unsqueeze(1), out=probs).exp_()
             if grads is not None:
-                grads.add(xc, weight, _grad_logits_(probs, z, classes, c, softcap, label_smoothing), start, stop)
+                finite_lse = lse_c if lse is None else saved_lse
+                grads.add(xc, weight, _grad_logits_(probs, z, classes, c, _softmax_coefficient(c, finite_lse, z_loss),
+                                                    softcap, label_smoothing), start, stop)
         if lse is None:
             if plain:
-                loss_c = lse_c - target_logit
+                loss_c = _token_loss(z, lse_c, target_logit, 0.0, z_loss)
+            if hits_out is not None:
+                hits_out[start:stop] = valid & ~invalid & (target_logit >= z_max)
             loss_out[start:stop] = torch.where(valid, loss_c, 0.0).masked_fill(invalid, float("nan"))
             lse_out[start:stop] = torch.where(valid, lse_c, 0.0)
-    return loss_out, lse_out, None if grads is None else grads.result(weight, bias)
+    return loss_out, lse_out, hits_out, None if grads is None else grads.result(weight, bias)

@@ -12,29 +12,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
+    """The (N, V) logits, computed in the input dtype (as a naive implementation would), then
+    capped in fp32 (fp64 for fp64 inputs)."""
+    z = F.linear(x, weight, bias).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
 def token_losses(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
-                 softcap: float | None = None, label_smoothing: float = 0.0) -> Tensor:
+                 softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0) -> Tensor:
     """Per-token loss (N,), differentiable, 0 where targets < 0, NaN where targets >= V.
 
     The logits are computed in the input dtype (as a naive implementation would), then the
     loss in fp32, or fp64 for fp64 inputs.
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    z = F.linear(x, weight, bias).to(acc)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    z = logits(x, weight, bias, softcap)
     logp = torch.log_softmax(z, dim=-1)
     classes = targets.clamp(0, weight.shape[0] - 1)
     nll = -logp.gather(1, classes.unsqueeze(1)).squeeze(1)
     if label_smoothing:
         nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    if z_loss:
+        nll = nll + z_loss * torch.logsumexp(z, dim=-1).square()
     nll = torch.where(targets >= 0, nll, torch.zeros_like(nll))
     return torch.where(targets >= weight.shape[0], torch.full_like(nll, float("nan")), nll)
 
 
 def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, coeff: Tensor | None = None, *,
               lse: Tensor | None = None, softcap: float | None = None, label_smoothing: float = 0.0,
-              chunk_bytes: int | None = None, needs: tuple[bool, bool, bool] = (True, True, True)):
+              z_loss: float = 0.0, hits: bool = False, chunk_bytes: int | None = None,
+              needs: tuple[bool, bool, bool] = (True, True, True)):
     """The linear-CE contract on the materialised logits; gradients by ``torch.func.vjp`` (it
     works inside a custom op, where autograd does not record). ``lse`` is not needed
     (everything is recomputed); ``chunk_bytes`` cannot be honoured and raises."""
@@ -49,16 +56,19 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
         args = list(inputs)
         for i, t in zip(wanted, differentiated):
             args[i] = t
-        return token_losses(*args, targets, softcap=softcap, label_smoothing=label_smoothing)
+        return token_losses(*args, targets, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss)
 
     loss, pullback = torch.func.vjp(losses, *(inputs[i] for i in wanted))
-    z = F.linear(x, weight, bias).to(loss.dtype)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    z = logits(x, weight, bias, softcap)
+    valid = (targets >= 0) & (targets < weight.shape[0])
     lse_out = torch.where(targets >= 0, torch.logsumexp(z, dim=-1), 0.0)
+    hits_out = None
+    if hits:
+        target_logit = z.gather(1, targets.clamp(0, weight.shape[0] - 1).unsqueeze(1)).squeeze(1)
+        hits_out = valid & (target_logit >= z.amax(1))
     if coeff is None:
-        return loss, lse_out, None
+        return loss, lse_out, hits_out, None
     grads: list[Tensor | None] = [None, None, None]
     for i, grad in zip(wanted, pullback(coeff.to(loss.dtype))):
         grads[i] = grad
-    return loss, lse_out, tuple(grads)
+    return loss, lse_out, hits_out, tuple(grads)
