@@ -24,7 +24,8 @@ TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
 ROW_ARG_TYPES = {
     "logits_ptr": "*{dtype}", "stride_row": "i32", "targets_ptr": "*i64", "coeff_ptr": "*fp32",
     "lse_in_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
-    "n_rows": "i32", "n_cols": "i32", "softcap": "fp32", "smoothing": "fp32",
+    "hit_ptr": "*i64",  # the targets stand in when no hits are written; *i8 with HIT
+    "n_rows": "i32", "n_cols": "i32", "softcap": "fp32", "smoothing": "fp32", "z_loss": "fp32",
 }
 AGGREGATION_ARG_TYPES = {
     "valid_ptr": "*u8", "cu_ptr": "*i64", "sw_ptr": "*{dtype}", "tw_ptr": "*{dtype}", "c_ptr": "*fp32",
@@ -33,6 +34,11 @@ AGGREGATION_ARG_TYPES = {
 }
 # The row kernel's modes: (GRAD, LSE_GIVEN).
 ROW_MODES = {"forward": (False, False), "fwd_bwd": (True, False), "backward": (True, True)}
+# Its optional features, as sets of flags compiled in each mode: every softcap / smoothing
+# combination, z-loss alone and with them, and (where a forward sweep runs, so that hits can
+# be written) the hit flag alone and with everything on: the variant with the most live values.
+ROW_FEATURES = ((), ("SOFTCAP",), ("SMOOTH",), ("SOFTCAP", "SMOOTH"), ("ZLOSS",), ("SOFTCAP", "SMOOTH", "ZLOSS"))
+ROW_FORWARD_FEATURES = (("HIT",), ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT"))
 
 
 class KernelSpecError(LookupError):
@@ -94,19 +100,22 @@ def make_spec(fn, dtype: str, variant: str, config: dict, arg_types: dict[str, s
 
 def row_kernel_specs() -> list[KernelSpec]:
     """``_ce_rows_kernel`` at the default config of each logits dtype (``row_config``), in every
-    mode, every softcap / label-smoothing combination, with and without 16-byte alignment."""
+    mode with the feature sets of ``ROW_FEATURES`` (and ``ROW_FORWARD_FEATURES`` where the
+    forward sweep runs), with and without 16-byte alignment."""
     specs = []
     for torch_dtype, dtype in TRITON_DTYPES.items():
         config = linear_ce.row_config(torch_dtype)
         blocks = {k: v for k, v in config.items() if k.startswith("BLOCK")}
-        for (mode, (grad, lse_given)), softcap, smooth, aligned in itertools.product(
-                ROW_MODES.items(), (False, True), (False, True), (False, True)):
-            variant = mode + "+softcap" * softcap + "+smooth" * smooth + "+aligned" * aligned
-            specs.append(make_spec(
-                linear_ce._ce_rows_kernel, dtype, variant,
-                {**config, "divisible_by_16": ("stride_row", "n_cols")}, ROW_ARG_TYPES,
-                {"SOFTCAP": softcap, "SMOOTH": smooth, "GRAD": grad, "LSE_GIVEN": lse_given, **blocks},
-                aligned))
+        for mode, (grad, lse_given) in ROW_MODES.items():
+            feature_sets = ROW_FEATURES + (() if lse_given else ROW_FORWARD_FEATURES)
+            for features, aligned in itertools.product(feature_sets, (False, True)):
+                flags = {flag: flag in features for flag in ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT")}
+                variant = mode + "".join(f"+{flag.lower()}" for flag in features) + "+aligned" * aligned
+                arg_types = {**ROW_ARG_TYPES, **({"hit_ptr": "*i8"} if flags["HIT"] else {})}
+                specs.append(make_spec(
+                    linear_ce._ce_rows_kernel, dtype, variant,
+                    {**config, "divisible_by_16": ("stride_row", "n_cols")}, arg_types,
+                    {**flags, "GRAD": grad, "LSE_GIVEN": lse_given, **blocks}, aligned))
     return specs
 
 

@@ -88,6 +88,27 @@ def test_specs_follow_the_kernels_launch_configs():
                                          "_segment_mean_backward_kernel"}
 
 
+def test_a_kernel_argument_without_a_type_is_named():
+    """A kernel that gained an argument the specs do not know fails with its name, not with a
+    compile of a stale signature."""
+    from types import SimpleNamespace
+
+    from benchmarks.kernel_specs import KernelSpecError, make_spec
+
+    def kernel(x_ptr, n, new_arg, BLOCK: "tl.constexpr", FLAG: "tl.constexpr" = False):  # noqa: F821
+        pass
+    fn = SimpleNamespace(__name__="kernel", fn=kernel)
+    spec = make_spec(fn, "fp32", "", {"num_warps": 4}, {"x_ptr": "*{dtype}", "n": "i32", "new_arg": "fp32"},
+                     {"BLOCK": 64}, aligned=True)
+    assert spec.signature == {"x_ptr": "*fp32", "n": "i32", "new_arg": "fp32", "BLOCK": "constexpr",
+                              "FLAG": "constexpr"}
+    assert spec.constexprs == {"BLOCK": 64, "FLAG": False} and spec.divisible_by_16 == ["x_ptr"]
+    with pytest.raises(KernelSpecError, match="'new_arg'"):
+        make_spec(fn, "fp32", "", {"num_warps": 4}, {"x_ptr": "*{dtype}", "n": "i32"}, {"BLOCK": 64})
+    with pytest.raises(KernelSpecError, match="'BLOCK'"):
+        make_spec(fn, "fp32", "", {"num_warps": 4}, {"x_ptr": "*{dtype}", "n": "i32", "new_arg": "fp32"}, {})
+
+
 def test_ptxas_failure_raises_ptxas_message(failing_ptxas):
     from benchmarks.aot_compile import PtxasError, ptxas_resources
 
