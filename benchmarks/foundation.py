@@ -21,7 +21,7 @@ import sys
 
 from benchmarks.cases import FOUNDATION_CASE, build_inputs
 from benchmarks.measure import gemm_fns, measure_peak_memory, release_memory, time_fn
-from benchmarks.peers import IMPLEMENTATIONS, build, fastweight_builder
+from benchmarks.peers import IMPLEMENTATIONS, fastweight_builder
 from benchmarks.results import add_ratios, make_record, write_results
 
 FOUNDATION_IMPLS = ("fastweight_torch", "naive", "torch_chunked")
@@ -85,14 +85,13 @@ def run_foundation(impls, device="cpu", repeats: int = 3, memory: bool = True,
     this process, then each implementation's peak memory in its own process."""
     case = FOUNDATION_CASE
     inp = build_inputs(case, device)
-    names = list(impls)
-    for cb in chunk_bytes:
-        IMPLEMENTATIONS[f"fastweight_torch@{cb}"] = fastweight_builder("torch", cb)
-        names.append(f"fastweight_torch@{cb}")
+    builders = {name: IMPLEMENTATIONS[name] for name in impls}
+    builders.update({f"fastweight_torch@{cb}": fastweight_builder("torch", cb) for cb in chunk_bytes})
+    names = list(builders)
     fns, losses, errors = {}, {}, {}
     for name in names:
         try:
-            fns[name] = build(name, inp, "fwd_bwd", device)
+            fns[name] = builders[name](inp, "fwd_bwd", device)
             losses[name] = float(fns[name]().float().sum())  # warm-up
         except Exception as exc:  # noqa: BLE001
             errors[name] = f"{type(exc).__name__}: {str(exc)[:500]}"
