@@ -11,7 +11,8 @@ ptxas is the one the installed Triton itself uses for that architecture (Triton'
 up; ``TRITON_PTXAS_PATH`` / ``TRITON_PTXAS_BLACKWELL_PATH`` override it), since Triton writes the
 PTX ``.version`` of that tool's CUDA release. A ptxas failure reports ptxas's own message.
 
-Exits non-zero on a compile error, or on spills in a default configuration.
+Exits non-zero on a compile error, or on spills in a default configuration. Run it as a
+command (it unsets TRITON_INTERPRET before the kernels are imported).
 
     python -m benchmarks.aot_compile            # or: python benchmarks/aot_compile.py
     python -m benchmarks.aot_compile --arch 90 --kernel _ce_rows_kernel --out /tmp/r.json
@@ -29,14 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# Compiling needs real JIT functions, not the interpreter's.
-os.environ.pop("TRITON_INTERPRET", None)
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/aot_compile.py`
     sys.path.insert(0, str(ROOT))
-
-from benchmarks.kernel_specs import all_specs  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compile_report.json"
 ARCHS = (80, 90)
@@ -90,6 +86,8 @@ def compile_one(index: int, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from benchmarks.kernel_specs import all_specs
+
     spec = all_specs()[index]
     rec = {"kernel": spec.kernel, "arch": f"sm_{arch}", "dtype": spec.dtype, "variant": spec.variant,
            "config": spec.config, "default": spec.default}
@@ -116,6 +114,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
+    # Compiling needs real JIT functions, not the interpreter's: unset it before the kernels'
+    # module is imported (here, not at import time, so that importing this module changes nothing).
+    os.environ.pop("TRITON_INTERPRET", None)
+    from benchmarks.kernel_specs import all_specs
 
     t0 = time.perf_counter()
     specs = all_specs()

@@ -143,3 +143,15 @@ def test_ptxas_failure_is_reported_by_the_check(tmp_path, failing_ptxas):
     (record,) = json.loads(out.read_text())
     assert "Unsupported .version 9.4" in record["error"], record["error"]
     assert "Unsupported .version 9.4" in proc.stderr
+
+
+def test_importing_the_check_leaves_the_environment_alone(monkeypatch):
+    """The check unsets TRITON_INTERPRET when it runs, never on import: an import from a test
+    must not switch the rest of the session's kernels off the interpreter."""
+    import importlib
+
+    import benchmarks.aot_compile as aot_compile
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    importlib.reload(aot_compile)
+    assert os.environ.get("TRITON_INTERPRET") == "1"
