@@ -29,7 +29,17 @@ FORMATS = ("auto", "prompt_response", "messages", "text")
 _EXT = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet",
         ".csv": "csv", ".arrow": "arrow"}
 
-__all__ = ["load_rows", "tokenize_rows", "make_batches", "collate", "fingerprint", "IGNORE_INDEX"]
+__all__ = ["load_rows", "tokenize_rows", "make_batches", "collate", "fingerprint", "format_options",
+           "IGNORE_INDEX"]
+
+# The options of ``tokenize_rows`` that the ``--format``/``--*-field``/``--max-length`` flags set.
+FORMAT_OPTIONS = ("fmt", "prompt_field", "response_field", "messages_field", "text_field",
+                  "max_length")
+
+
+def format_options(source) -> dict:
+    """The ``tokenize_rows`` options held by parsed arguments or a config object."""
+    return {name: getattr(source, name) for name in FORMAT_OPTIONS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,15 +147,15 @@ def _eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def _ids(enc) -> list[int]:
-    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+def _ids(encoding) -> list[int]:
+    ids = encoding["input_ids"] if isinstance(encoding, dict) or hasattr(encoding, "keys") else encoding
     return list(ids)
 
 
 def _prompt_response(tokenizer, prompt, response, eos, ignore_index):
     if not isinstance(prompt, str) or not isinstance(response, str):
-        raise ValueError(f"prompt and response must be strings, got {type(prompt).__name__} "
-                         f"and {type(response).__name__}")
+        raise ValueError(f"prompt and response must be strings, got {prompt!r:.40} "
+                         f"({type(prompt).__name__}) and {response!r:.40} ({type(response).__name__})")
     p = _ids(tokenizer(prompt))
     r = _ids(tokenizer(response, add_special_tokens=False)) + [eos]
     return p + r, [ignore_index] * len(p) + r
@@ -207,12 +217,14 @@ def _messages(tokenizer, messages, ignore_index):
 def tokenize_rows(ds, tokenizer, *, fmt: str = "auto", prompt_field: str = "prompt",
                   response_field: str = "response", messages_field: str = "messages",
                   text_field: str = "text", max_length: int | None = None,
-                  ignore_index: int = IGNORE_INDEX, num_proc: int | None = None):
+                  ignore_index: int = IGNORE_INDEX, num_proc: int | None = None,
+                  source: str = "the data"):
     """Tokenize rows into ``input_ids``, ``labels`` (ignore_index where not scored), ``index``
     (the source row number) and ``length``.
 
     Returns ``(tokenized_dataset, num_truncated)``; sequences longer than ``max_length`` are cut
-    to their first ``max_length`` tokens.
+    to their first ``max_length`` tokens. A row that cannot be tokenized raises a ValueError
+    naming ``source`` and the row number (counted from 0, as in the scores file's ``index``).
     """
     import datasets
 
@@ -240,21 +252,24 @@ def tokenize_rows(ds, tokenizer, *, fmt: str = "auto", prompt_field: str = "prom
                              "set tokenizer.chat_template or use prompt/response fields")
         eos = None
 
-    def one(row, idx):
-        if fmt == "prompt_response":
-            ids, labels = _prompt_response(tokenizer, row[prompt_field], row[response_field], eos,
-                                           ignore_index)
-        elif fmt == "text":
-            ids, labels = _text(tokenizer, row[text_field], eos)
-        else:
-            ids, labels = _messages(tokenizer, row[messages_field], ignore_index)
+    def tokenize_one(row, index):
+        try:
+            if fmt == "prompt_response":
+                ids, labels = _prompt_response(tokenizer, row[prompt_field], row[response_field],
+                                               eos, ignore_index)
+            elif fmt == "text":
+                ids, labels = _text(tokenizer, row[text_field], eos)
+            else:
+                ids, labels = _messages(tokenizer, row[messages_field], ignore_index)
+        except ValueError as exc:
+            raise ValueError(f"{source}, row {index} (counting from 0): {exc}") from None
         truncated = max_length is not None and len(ids) > max_length
         if truncated:
             ids, labels = ids[:max_length], labels[:max_length]
-        return {"input_ids": ids, "labels": labels, "index": idx, "length": len(ids),
+        return {"input_ids": ids, "labels": labels, "index": index, "length": len(ids),
                 "truncated": truncated}
 
-    out = ds.map(one, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc,
+    out = ds.map(tokenize_one, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc,
                  desc="tokenizing", load_from_cache_file=False)
     num_truncated = int(sum(out["truncated"]))
     out = out.remove_columns("truncated")
@@ -294,7 +309,8 @@ def make_batches(tokenized, token_budget: int, *, pack: bool = False, shuffle: b
 
 
 def collate(rows, pad_id: int, pack: bool = False, ignore_index: int = IGNORE_INDEX) -> dict:
-    """Tensors of a batch of tokenized rows (dicts with input_ids, labels, index).
+    """Tensors of a batch of tokenized rows (dicts with input_ids, and optionally labels, which
+    default to the input_ids, and index, which defaults to the position in ``rows``).
 
     Padded: input_ids / labels / attention_mask (B, T), right-padded with ``pad_id`` /
     ignore_index / 0. Packed: input_ids / labels / position_ids (1, N) and cu_seqlens (B+1,)
@@ -305,8 +321,8 @@ def collate(rows, pad_id: int, pack: bool = False, ignore_index: int = IGNORE_IN
     if not rows:
         raise ValueError("cannot collate an empty batch")
     ids = [list(r["input_ids"]) for r in rows]
-    labs = [list(r["labels"]) for r in rows]
-    index = torch.tensor([int(r["index"]) for r in rows], dtype=torch.int64)
+    labs = [list(r.get("labels", r["input_ids"])) for r in rows]
+    index = torch.tensor([int(r.get("index", k)) for k, r in enumerate(rows)], dtype=torch.int64)
     num_tokens = torch.tensor([sum(1 for x in lab[1:] if x != ignore_index) for lab in labs],
                               dtype=torch.int64)
     if pack:

@@ -4,8 +4,10 @@
 2. pre-trains it on a "general" corpus (addition facts) with ``fastweight train --weighting none``;
 3. scores a fine-tuning task (addition / subtraction / multiplication: close to far from the
    general corpus) with ``fastweight score``, the real scoring pass;
-4. fine-tunes twice from the pre-trained model, standard and FLOW, same steps and learning rate,
-   with ``fastweight train``;
+4. fine-tunes three times from the pre-trained model with ``fastweight train``, same steps and
+   learning rate: standard, FLOW (the paper's weights, whose mean is below 1, so it also takes
+   smaller steps) and FLOW with mean-normalised weights (same average step as standard: what
+   remains is the reweighting alone);
 5. prints a table of general-corpus loss/accuracy (forgetting) and task loss/accuracy, per group,
    and saves a plot.
 
@@ -18,11 +20,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from fastweight import demo_data
 
-__all__ = ["run_demo", "build_tokenizer", "register"]
+__all__ = ["run_demo", "build_tokenizer", "add_arguments", "run_cli", "ARMS", "DEFAULT_OUT"]
+
+DEFAULT_OUT = "fastweight-demo"
+# arm name -> (--weighting, --weight-normalization)
+ARMS = {"standard": ("none", "none"), "FLOW": ("flow", "none"), "FLOW mean-norm": ("flow", "mean")}
 
 
 def build_tokenizer():
@@ -46,14 +50,20 @@ def _write_jsonl(path: Path, rows) -> str:
     return str(path)
 
 
-@torch.no_grad()
 def _answer_metrics(model, tokenizer, rows) -> dict:
     """Per group: mean answer-token loss (answer + EOS) and exact-match accuracy of greedy
     decoding (the argmax is right at every answer position under teacher forcing, which is
     the same as greedy decoding producing the answer and then EOS)."""
-    from fastweight import data as fwdata
-    from fastweight.hf import hidden_states, find_lm_head
+    import torch
+    with torch.no_grad():
+        return _answer_metrics_no_grad(model, tokenizer, rows)
+
+
+def _answer_metrics_no_grad(model, tokenizer, rows) -> dict:
     import datasets
+    import torch
+    from fastweight import data as fwdata
+    from fastweight.hf import find_lm_head, hidden_states
     model.eval()
     ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "response": r["response"]} for r in rows])
     tok, _ = fwdata.tokenize_rows(ds, tokenizer, fmt="prompt_response")
@@ -84,19 +94,25 @@ def _model_config(vocab_size: int, quick: bool):
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def run_demo(out: str = "fastweight-demo", *, quick: bool = False, seed: int = 0,
+def run_demo(out: str = DEFAULT_OUT, *, quick: bool = False, seed: int = 0,
              pretrain_steps: int | None = None, finetune_steps: int | None = None,
              finetune_lr: float = 1e-3, progress: bool = True, verbose: bool = True) -> dict:
-    """Run the demo; returns ``{"table": {...}, "weights": {...}, "seconds": ...}``."""
+    """Run the demo; returns the content of ``results.json``: ``table`` (per arm: general and
+    task answer loss/accuracy), ``clipped_steps`` per arm, ``scores_by_group``, ``seconds``."""
+    import torch
     from transformers import AutoModelForCausalLM
-    from fastweight.cli import main as cli
-    from fastweight.scoring import read_scores
-    from fastweight.train import TrainConfig, train
 
-    t0 = time.perf_counter()
+    from fastweight.cli import CommandError
+    from fastweight.cli import main as cli
+    from fastweight.runtime import show_progress
+    from fastweight.scoring import read_scores
+    from fastweight.training import TrainConfig, train
+
+    started = time.perf_counter()
+    progress = show_progress(progress)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    outp = Path(out)
-    work = outp / "work"
+    out_path = Path(out)
+    work = out_path / "work"
     work.mkdir(parents=True, exist_ok=True)
     pretrain_steps = pretrain_steps or (60 if quick else 500)
     finetune_steps = finetune_steps or (15 if quick else 100)
@@ -120,7 +136,7 @@ def run_demo(out: str = "fastweight-demo", *, quick: bool = False, seed: int = 0
     pre = train(TrainConfig(model=str(init_dir), data=general, out=str(work / "pretrain"),
                             weighting="none", lr=3e-3, warmup=0.05, min_lr_ratio=0.1,
                             steps=pretrain_steps, batch_tokens=1536, clip=1.0, seed=seed,
-                            progress=progress, weight_decay=0.01))
+                            progress=progress, weight_decay=0.01, initial_eval=False))
     base = pre["final_dir"]
 
     # 3. the scoring pass, through the CLI code path
@@ -129,68 +145,80 @@ def run_demo(out: str = "fastweight-demo", *, quick: bool = False, seed: int = 0
     if not progress:
         argv.append("--quiet")
     if cli(argv) != 0:
-        raise RuntimeError("fastweight score failed")
+        raise CommandError("the demo's `fastweight score` step failed (see the line above)")
     scores = read_scores(scores_path)
     groups = [r["group"] for r in task_rows]
-    w_by_group = {g: {"weight": float(scores["weight"][[i for i, x in enumerate(groups) if x == g]].mean()),
+    scores_by_group = {g: {"weight": float(scores["weight"][[i for i, x in enumerate(groups) if x == g]].mean()),
                       "loss": float(scores["loss"][[i for i, x in enumerate(groups) if x == g]].mean())}
                   for g in demo_data.GROUPS}
 
-    # 4. fine-tune twice, same budget
+    # 4. fine-tune once per arm, same budget
     results = {}
     base_model = AutoModelForCausalLM.from_pretrained(base)
     results["pre-trained"] = {"general": _answer_metrics(base_model, tokenizer, general_eval_rows),
                               "task": _answer_metrics(base_model, tokenizer, task_test_rows)}
-    for name, weighting in (("standard", "none"), ("FLOW", "flow")):
-        r = train(TrainConfig(model=base, data=task, scores=str(scores_path) if weighting == "flow" else None,
-                              out=str(work / f"ft-{weighting}"), weighting=weighting, lr=finetune_lr,
-                              warmup=0.1, steps=finetune_steps, batch_tokens=512, seed=seed,
-                              general_data=general_eval, eval_data=task_test, progress=progress,
-                              save_final=False))
-        results[name] = {"general": _answer_metrics(r["model"], tokenizer, general_eval_rows),
-                         "task": _answer_metrics(r["model"], tokenizer, task_test_rows),
-                         "history": [h for h in r["history"] if "loss" in h]}
-    seconds = time.perf_counter() - t0
+    for name, (weighting, normalization) in ARMS.items():
+        run = train(TrainConfig(
+            model=base, data=task, scores=str(scores_path) if weighting == "flow" else None,
+            out=str(work / f"ft-{name.replace(' ', '-')}"), weighting=weighting,
+            weight_normalization=normalization, lr=finetune_lr, warmup=0.1, steps=finetune_steps,
+            batch_tokens=512, seed=seed, general_data=general_eval, eval_data=task_test,
+            progress=progress, save_final=False))
+        results[name] = {"general": _answer_metrics(run["model"], tokenizer, general_eval_rows),
+                         "task": _answer_metrics(run["model"], tokenizer, task_test_rows),
+                         "clipped_steps": run["train"]["clipped_steps"],
+                         "history": [h for h in run["history"] if "loss_weighted" in h]}
+    seconds = time.perf_counter() - started
 
-    table = _format_table(results, w_by_group, pretrain_steps, finetune_steps, finetune_lr, seconds)
+    table = _format_table(results, scores_by_group, pretrain_steps, finetune_steps, finetune_lr, seconds)
     if verbose:
         print(table)
-    (outp / "results.txt").write_text(table + "\n")
+    (out_path / "results.txt").write_text(table + "\n")
     summary = {"table": {k: {"general": v["general"], "task": v["task"]} for k, v in results.items()},
-               "scores_by_group": w_by_group, "seconds": seconds, "seed": seed,
+               "clipped_steps": {k: v["clipped_steps"] for k, v in results.items() if k in ARMS},
+               "scores_by_group": scores_by_group, "mean_weight": float(scores["weight"].mean()),
+               "seconds": seconds, "seed": seed, "quick": quick,
                "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps}
-    (outp / "results.json").write_text(json.dumps(summary, indent=1))
-    _plot(results, w_by_group, outp / "demo.png")
+    (out_path / "results.json").write_text(json.dumps(summary, indent=1))
+    _plot(results, out_path / "demo.png")
     return summary
 
 
-def _format_table(results, w_by_group, pre_steps, ft_steps, lr, seconds) -> str:
-    lines = [f"fastweight demo: {pre_steps} pre-training steps, 2 x {ft_steps} fine-tuning steps at lr {lr:g}",
+def _format_table(results, scores_by_group, pretrain_steps, finetune_steps, lr, seconds) -> str:
+    lines = [f"fastweight demo: {pretrain_steps} pre-training steps, {len(ARMS)} x {finetune_steps} "
+             f"fine-tuning steps at lr {lr:g}",
              "",
              "FLOW weights from the pre-trained model (mean per group of the task):",
-             *[f"  {g:5s} pre-trained loss {v['loss']:.3f}  weight {v['weight']:.3f}" for g, v in w_by_group.items()],
+             *[f"  {g:5s} pre-trained loss {v['loss']:.3f}  weight {v['weight']:.3f}" for g, v in scores_by_group.items()],
              "",
              "answer-token loss / exact-match accuracy"
              " (general = held-out facts of the pre-training corpus: forgetting)",
-             f"{'model':12s} {'general':>15s} {'task: all':>15s} "
-             + " ".join(f"{'task: ' + g:>15s}" for g in demo_data.GROUPS)]
+             f"{'model':15s} {'general':>15s} {'task: all':>15s} "
+             + " ".join(f"{'task: ' + g:>15s}" for g in demo_data.GROUPS) + "  clipped steps"]
     for name, r in results.items():
         cells = [f"{r['general']['all']['loss']:6.3f} / {r['general']['all']['acc']:5.1%}"]
         for g in ["all", *demo_data.GROUPS]:
             cells.append(f"{r['task'][g]['loss']:6.3f} / {r['task'][g]['acc']:5.1%}")
-        lines.append(f"{name:12s} " + " ".join(f"{c:>15s}" for c in cells))
-    s, f = results["standard"], results["FLOW"]
-    dg = f["general"]["all"]["loss"] - s["general"]["all"]["loss"]
-    dt = f["task"]["all"]["loss"] - s["task"]["all"]["loss"]
-    lines += ["",
-              f"FLOW - standard: general loss {dg:+.3f} ({'less' if dg < 0 else 'more'} forgetting), "
-              f"task loss {dt:+.3f} ({'better' if dt < 0 else 'worse'} on the task)",
+        clipped = f"  {r['clipped_steps']:>3d} of {finetune_steps}" if "clipped_steps" in r else ""
+        lines.append(f"{name:15s} " + " ".join(f"{c:>15s}" for c in cells) + clipped)
+    standard = results["standard"]
+    lines.append("")
+    for name in ARMS:
+        if name == "standard":
+            continue
+        general_gap = results[name]["general"]["all"]["loss"] - standard["general"]["all"]["loss"]
+        task_gap = results[name]["task"]["all"]["loss"] - standard["task"]["all"]["loss"]
+        lines.append(f"{name} - standard: general loss {general_gap:+.3f} "
+                     f"({'less' if general_gap < 0 else 'more'} forgetting), task loss {task_gap:+.3f} "
+                     f"({'better' if task_gap < 0 else 'worse'} on the task)")
+    lines += ["FLOW takes smaller steps than standard (its weights' mean is below 1); FLOW mean-norm "
+              "has the same average step, so its gap to standard is the reweighting alone.",
               f"total time {seconds:.0f} s. One seed and one budget: rerun with --seed / "
-              "--finetune-steps / --lr to see how much the gap moves."]
+              "--finetune-steps / --lr to see how much the gaps move."]
     return "\n".join(lines)
 
 
-def _plot(results, w_by_group, path: Path) -> None:
+def _plot(results, path: Path) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -198,42 +226,48 @@ def _plot(results, w_by_group, path: Path) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for name in ("standard", "FLOW"):
-        h = results[name]["history"]
-        axes[0].plot([x["step"] for x in h], [x["loss"] for x in h], label=name)
-    axes[0].set_title("fine-tuning loss (FLOW: weighted)"); axes[0].set_xlabel("step"); axes[0].legend()
+    for name in ARMS:
+        history = results[name]["history"]
+        axes[0].plot([x["step"] for x in history], [x["loss_unweighted"] for x in history], label=name)
+    axes[0].set_title("fine-tuning loss (unweighted token mean)")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
     names = list(results)
-    cats = ["general", *demo_data.GROUPS]
+    categories = ["general", *demo_data.GROUPS]
     width = 0.8 / len(names)
     for k, name in enumerate(names):
-        vals_l = [results[name]["general"]["all"]["loss"]] + [results[name]["task"][g]["loss"] for g in demo_data.GROUPS]
-        vals_a = [results[name]["general"]["all"]["acc"]] + [results[name]["task"][g]["acc"] for g in demo_data.GROUPS]
-        xs = [i + k * width for i in range(len(cats))]
-        axes[1].bar(xs, vals_l, width, label=name)
-        axes[2].bar(xs, vals_a, width, label=name)
-    for ax, t in ((axes[1], "answer loss"), (axes[2], "exact-match accuracy")):
-        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(cats))], cats)
-        ax.set_title(t); ax.legend(fontsize=7)
+        losses = [results[name]["general"]["all"]["loss"]] + [results[name]["task"][g]["loss"] for g in demo_data.GROUPS]
+        accuracies = [results[name]["general"]["all"]["acc"]] + [results[name]["task"][g]["acc"] for g in demo_data.GROUPS]
+        xs = [i + k * width for i in range(len(categories))]
+        axes[1].bar(xs, losses, width, label=name)
+        axes[2].bar(xs, accuracies, width, label=name)
+    for axis, title in ((axes[1], "answer loss"), (axes[2], "exact-match accuracy")):
+        axis.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(categories))], categories)
+        axis.set_title(title)
+        axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="offline end-to-end demo: pre-train, score, fine-tune standard vs FLOW",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="fastweight-demo", help="output folder (default ./fastweight-demo)")
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run (tests)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1")
-    p.add_argument("--pretrain-steps", type=int, default=None)
-    p.add_argument("--finetune-steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=_cli)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fastweight demo``."""
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller, faster run: 60 pre-training and 15 fine-tuning steps (tests)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, model and training")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="pre-training steps (default: 500, or 60 with --quick)")
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="fine-tuning steps of each arm (default: 100, or 15 with --quick)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars (default: bars when stderr is a terminal)")
 
 
-def _cli(args) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """Entry point of ``fastweight demo``."""
     runs = []
     for k in range(args.seeds):
         out = args.out if args.seeds == 1 else str(Path(args.out) / f"seed{args.seed + k}")
@@ -241,11 +275,13 @@ def _cli(args) -> int:
                              finetune_steps=args.finetune_steps, finetune_lr=args.lr,
                              progress=args.progress))
     if len(runs) > 1:
-        print("\nacross seeds (FLOW - standard):")
+        print("\nacross seeds (arm - standard):")
         for r in runs:
-            t = r["table"]
-            print(f"  seed {r['seed']}: general loss "
-                  f"{t['FLOW']['general']['all']['loss'] - t['standard']['general']['all']['loss']:+.3f}, "
-                  f"task loss {t['FLOW']['task']['all']['loss'] - t['standard']['task']['all']['loss']:+.3f}")
+            table = r["table"]
+            gaps = ", ".join(
+                f"{name}: general {table[name]['general']['all']['loss'] - table['standard']['general']['all']['loss']:+.3f}"
+                f" task {table[name]['task']['all']['loss'] - table['standard']['task']['all']['loss']:+.3f}"
+                for name in ARMS if name != "standard")
+            print(f"  seed {r['seed']}: {gaps}")
     print(f"\nwrote {args.out}/ (results.txt, results.json, demo.png)")
     return 0

@@ -49,8 +49,3 @@ def run(args: argparse.Namespace) -> int:
     for row in [header] + rows:
         print("  ".join(f"{cell:<{w}}" for cell, w in zip(row[:4], widths)) + "  " + row[4])
     return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("info", help="show which backend each op uses, and why")
-    p.set_defaults(func=run)

@@ -64,32 +64,25 @@ def _config(arch: str, vocab_size: int, **overrides):
     from transformers import Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    # the shape of every Llama-like test model
+    small = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, **common)
     if arch == "llama":
-        cfg = LlamaConfig(hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          tie_word_embeddings=False, **common)
+        cfg = LlamaConfig(tie_word_embeddings=False, **small)
     elif arch == "gemma2":
-        cfg = Gemma2Config(hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                           max_position_embeddings=512, final_logit_softcapping=2.5,
-                           attn_logit_softcapping=50.0, sliding_window=64, **common)
+        cfg = Gemma2Config(head_dim=12, final_logit_softcapping=2.5, attn_logit_softcapping=50.0,
+                           sliding_window=64, **small)
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=512,
                          tie_word_embeddings=True, **common)
     elif arch == "qwen2":
-        cfg = Qwen2Config(hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          tie_word_embeddings=False, **common)
+        cfg = Qwen2Config(tie_word_embeddings=False, **small)
     elif arch == "cohere":
         from transformers import CohereConfig
-        cfg = CohereConfig(hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                           logit_scale=0.5, tie_word_embeddings=True, **common)
+        cfg = CohereConfig(logit_scale=0.5, tie_word_embeddings=True, **small)
     elif arch == "granite":
         from transformers import GraniteConfig
-        cfg = GraniteConfig(hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                            logits_scaling=4.0, tie_word_embeddings=False, **common)
+        cfg = GraniteConfig(logits_scaling=4.0, tie_word_embeddings=False, **small)
     else:
         raise ValueError(f"unknown arch {arch!r}")
     for k, v in overrides.items():

@@ -70,11 +70,13 @@ def test_invalid_label_is_nan_with_checks_off(impl, reduction, bad, checks_off):
     torch.testing.assert_close(per_token[keep], reference[keep])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_invalid_label_is_nan_under_torch_compile(reduction):
+def test_invalid_label_is_nan_under_torch_compile(impl, reduction):
     hidden, weight, labels, _ = _batch(seed=2)
     labels[0, 1] = V
-    fn = torch.compile(lambda h, w, y: fw.weighted_ce(h, w, y, reduction=reduction), backend="aot_eager")
+    fn = torch.compile(lambda h, w, y: fw.weighted_ce(h, w, y, reduction=reduction, impl=impl),
+                       backend="aot_eager")
     out = fn(hidden, weight, labels)
     assert torch.isnan(out).any()
     if reduction == "none":

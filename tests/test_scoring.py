@@ -159,14 +159,14 @@ def test_messages_data(setup):
 
 def test_bad_input_is_reported(setup, capsys, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "hi", "answer": "yes"}])
-    assert _score(setup, tmp_path / "x.safetensors", data=bad) == 2
+    assert _score(setup, tmp_path / "x.safetensors", data=bad) == 1  # a run-time failure
     assert "cannot tell the data format" in capsys.readouterr().err
     assert main(["score", "--model", setup["model"], "--data", bad, "--out", str(tmp_path / "y"),
                  "--prompt-field", "question", "--response-field", "answer", "--format",
                  "prompt_response", "--quiet"]) == 0
     assert main(["score", "--model", setup["model"], "--data", setup["data"], "--out",
-                 str(tmp_path / "z"), "--temperature", "-1"]) == 2
-    assert main(["weights", str(tmp_path / "missing.safetensors")]) == 2
+                 str(tmp_path / "z"), "--temperature", "-1"]) == 2  # a usage error
+    assert main(["weights", str(tmp_path / "missing.safetensors")]) == 1
 
 
 def test_torchrun_two_processes_equal_single(setup):

@@ -1,6 +1,7 @@
 """The bundled trainer (issue 6): loss drops, resume, grad accumulation, FLOW weights, DDP,
 FlowTrainer."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hf_fixtures import make_model, make_rows, make_tokenizer, save_pretrained, write_jsonl  # noqa: E402
 
 from fastweight.cli import main as cli  # noqa: E402
-from fastweight.train import TrainConfig, train  # noqa: E402
+from fastweight.training import TrainConfig, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def _cfg(setup, out, **kw):
 
 
 def _losses(summary):
-    return [r["loss"] for r in summary["history"] if "loss" in r]
+    return [r["loss_weighted"] for r in summary["history"] if "loss_weighted" in r]
 
 
 def test_loss_drops(setup):
@@ -45,7 +46,7 @@ def test_loss_drops(setup):
     out = Path(s["out"])
     assert (out / "curves.png").exists() and (out / "final" / "model.safetensors").exists()
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(recs[1])
+    assert {"loss_weighted", "loss_unweighted", "lr", "grad_norm", "clipped", "tokens_per_s"} <= set(recs[1])
 
 
 def test_resume_equals_uninterrupted(setup):
@@ -131,7 +132,7 @@ def test_ddp_two_processes_match_single(setup):
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    ddp = [x["loss"] for x in recs if "loss" in x]
+    ddp = [x["loss_weighted"] for x in recs if "loss_weighted" in x]
     torch.testing.assert_close(ddp, _losses(single), rtol=1e-4, atol=1e-5)
 
 
@@ -152,3 +153,151 @@ def test_flow_trainer_smoke(setup, tmp_path):
     trainer = FlowTrainer(model=model, args=args, train_dataset=tokd, processing_class=tok)
     out = trainer.train()
     assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+def _one_batch_cfg(setup, out, **kw):
+    """Every row in one micro-batch: step 1 sees the whole data set."""
+    return _cfg(setup, out, batch_tokens=100_000, steps=1, save_final=False, **kw)
+
+
+def test_unweighted_loss_is_the_plain_token_mean_of_the_same_batch(setup):
+    # Before the first update the model is the pre-trained one, so step 1's unweighted loss over
+    # the whole data equals the step-0 eval over the same rows (an independent code path), while
+    # the weighted loss is smaller (FLOW weights are below 1 on average).
+    for reduction in ("token", "mean"):
+        for weighting in ("flow", "none"):
+            s = train(_one_batch_cfg(setup, f"unw_{weighting}_{reduction}", weighting=weighting,
+                                     sample_reduction=reduction))
+            step = next(r for r in s["history"] if "loss_unweighted" in r)
+            assert step["loss_unweighted"] == pytest.approx(
+                s["eval_before"]["eval_target_loss"], rel=1e-5), (weighting, reduction)
+            if weighting == "flow":
+                assert step["loss_weighted"] < 0.9 * step["loss_unweighted"]
+
+
+def test_summary_is_smoothed_and_labelled(setup, capsys):
+    from fastweight.training.metrics import SMOOTHING_STEPS
+    d, mp, dp, sp = setup
+    s = train(_cfg(setup, "smooth", steps=12, save_final=False))
+    steps = [r for r in s["history"] if "loss_weighted" in r][-SMOOTHING_STEPS:]
+    assert s["train"]["smoothed_over_steps"] == SMOOTHING_STEPS
+    for key in ("loss_weighted", "loss_unweighted"):
+        assert s["train"][f"train_{key}"] == pytest.approx(sum(r[key] for r in steps) / len(steps))
+    assert s["train"]["train_loss_weighted"] != pytest.approx(steps[-1]["loss_weighted"])
+    capsys.readouterr()
+    assert cli(["train", "--model", mp, "--data", dp, "--scores", sp, "--out", str(d / "smooth_cli"),
+                "--steps", "3", "--batch-tokens", "128", "--lr", "3e-3", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    line = json.loads(captured.out.strip().splitlines()[-1])
+    report = captured.err.strip().splitlines()[-1]
+    assert re.search(r"train loss over the last 3 steps: weighted \d\.\d{4}, unweighted \d\.\d{4}", report)
+    assert f"weighted {line['train_loss_weighted']:.4f}" in report
+    assert f"target eval loss {line['eval_target_loss_before']:.4f} -> {line['eval_target_loss']:.4f}" in report
+    for key in ("train_loss_weighted", "train_loss_unweighted", "clipped_steps",
+                "eval_target_loss", "eval_target_loss_before"):
+        assert isinstance(line[key], (int, float)), key
+    assert "final_loss" not in line and "loss" not in line
+
+
+def test_progress_bar_labels_both_losses(setup, monkeypatch, capsys):
+    import fastweight.training.loop as loop
+    monkeypatch.setattr(loop, "show_progress", lambda requested: True)
+    train(_cfg(setup, "bar", steps=2, save_final=False))
+    err = capsys.readouterr().err
+    assert re.search(r"loss weighted=\d+\.\d+", err) and re.search(r"unweighted=\d+\.\d+", err)
+
+
+def test_mean_normalised_weights_scale_the_step(setup):
+    from fastweight.scoring import read_scores
+    d, mp, dp, sp = setup
+    scores = read_scores(sp)
+    mean_weight = float(scores["weight"][scores["num_tokens"] > 0].mean())
+    assert mean_weight < 0.9
+    plain = train(_one_batch_cfg(setup, "norm_none"))
+    normed = train(_one_batch_cfg(setup, "norm_mean", weight_normalization="mean"))
+    first = lambda s: next(r for r in s["history"] if "loss_weighted" in r)  # noqa: E731
+    assert first(normed)["loss_weighted"] == pytest.approx(first(plain)["loss_weighted"] / mean_weight,
+                                                           rel=1e-5)
+    assert first(normed)["loss_unweighted"] == pytest.approx(first(plain)["loss_unweighted"], rel=1e-6)
+    with pytest.raises(ValueError, match="needs --weighting flow"):
+        train(_one_batch_cfg(setup, "norm_bad", weighting="none", weight_normalization="mean"))
+
+
+def test_clipping_is_counted(setup):
+    always = train(_cfg(setup, "clip_always", steps=3, clip=1e-6, save_final=False))
+    never = train(_cfg(setup, "clip_never", steps=3, clip=0.0, save_final=False))
+    assert always["train"]["clipped_steps"] == 3 and never["train"]["clipped_steps"] == 0
+    for s, clip in ((always, 1e-6), (never, float("inf"))):
+        for r in (r for r in s["history"] if "grad_norm" in r):
+            assert r["clipped"] == (r["grad_norm"] > clip)
+
+
+def test_few_steps_warn_with_the_numbers_and_the_flags(setup, capsys):
+    train(_cfg(setup, "few", steps=None, epochs=1, batch_tokens=100_000, save_final=False))
+    err = capsys.readouterr().err
+    assert "warning: only 1 optimizer step(s): 24 rows make 1 micro-batch(es) of --batch-tokens 100000" in err
+    assert "--epochs" in err and "--steps" in err and "--batch-tokens" in err
+    train(_cfg(setup, "many", steps=10, save_final=False))
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("num_steps", [1, 3, 10])
+def test_curves_readable_with_few_points(num_steps):
+    from fastweight.training.metrics import draw_curves
+    records = [{"step": 0, "eval_target_loss": 3.0}]
+    records += [{"step": k, "loss_weighted": 1.0 / k, "loss_unweighted": 2.0 / k, "lr": 1e-3,
+                 "grad_norm": 0.5, "clipped": False} for k in range(1, num_steps + 1)]
+    records.append({"step": num_steps, "eval_target_loss": 2.0})
+    fig = draw_curves(records)
+    assert len(fig.axes) == 3
+    for axis in fig.axes:
+        lines = axis.get_lines()
+        assert lines, axis.get_title()  # no empty panel
+        for line in lines:
+            assert line.get_marker() not in (None, "None", "", " ")
+            assert line.get_markersize() > 0 and len(line.get_xdata()) >= 1
+    only_evals = draw_curves(records[:1])
+    assert len(only_evals.axes) == 1 and only_evals.axes[0].get_lines()
+
+
+def test_no_initial_eval_and_save_every_zero(setup):
+    s = train(_cfg(setup, "lean", steps=2, initial_eval=False))
+    assert s["eval_before"] is None
+    assert not any(r.get("step") == 0 for r in s["history"])
+    out = Path(s["out"])
+    assert (out / "final" / "model.safetensors").exists()
+    assert not list((out / "checkpoints").glob("step-*"))  # only final/
+    stopped = train(_cfg(setup, "lean_stop", steps=4, stop_after=2))
+    assert [p.name for p in (Path(stopped["out"]) / "checkpoints").glob("step-*")] == ["step-00000002"]
+    assert not (Path(stopped["out"]) / "final").exists()
+
+
+def test_flow_trainer_mean_normalization(setup, tmp_path):
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from fastweight import data as fwdata
+    from fastweight.hf import FlowTrainer
+    d, mp, dp, sp = setup
+    tok = AutoTokenizer.from_pretrained(mp)
+    tokd, _ = fwdata.tokenize_rows(fwdata.load_rows(dp), tok)
+    weights = [0.2 + 0.05 * i for i in range(len(tokd))]
+    weights[3] = 0.0  # a row without a scored token does not count in the mean
+    tokd = tokd.add_column("sample_weight", weights).remove_columns(["length", "index"])
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4,
+                             max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    positive = [w for w in weights if w > 0]
+    trainers = {}
+    for normalization in ("none", "mean"):
+        trainers[normalization] = FlowTrainer(
+            model=AutoModelForCausalLM.from_pretrained(mp), args=args, train_dataset=tokd,
+            processing_class=tok, weight_normalization=normalization)
+    assert trainers["none"].weight_scale == 1.0
+    assert trainers["mean"].weight_scale == pytest.approx(len(positive) / sum(positive))
+    batch = trainers["none"].data_collator([tokd[i] for i in range(4)])
+    losses = {k: float(t.compute_loss(t.model, batch).detach()) for k, t in trainers.items()}
+    assert losses["mean"] == pytest.approx(losses["none"] * len(positive) / sum(positive), rel=1e-5)
+    with pytest.raises(ValueError, match="weight_normalization"):
+        FlowTrainer(model=trainers["none"].model, args=args, train_dataset=tokd.remove_columns("sample_weight"),
+                    processing_class=tok, weight_normalization="mean")

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastweight.api import sequence_losses, weighted_ce
-
-__all__ = ["LMHead", "find_lm_head", "hidden_states", "causal_lm_loss", "sample_losses",
-           "model_hash", "check_head"]
+__all__ = ["LMHead", "HeadInputs", "find_lm_head", "hidden_states", "head_inputs", "causal_lm_loss",
+           "sample_losses", "model_hash", "check_head"]
 
 # Config attributes whose name looks like a logit transform but which never touch the LM-head
 # logits (attention / router internals, output flags, generation settings).
@@ -173,7 +171,38 @@ def hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None
     return hs
 
 
-def _head_args(head: LMHead, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+@dataclass
+class HeadInputs:
+    """What ``weighted_ce`` / ``sequence_losses`` take for a model's LM head: the final hidden
+    states (the logit scale folded in), the head's weight and bias in the hidden states' dtype,
+    the labels (flattened for packed rows), ``cu_seqlens`` and the softcap."""
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    labels: Tensor
+    cu_seqlens: Tensor | None
+    softcap: float | None
+
+    def loss_options(self) -> dict:
+        """Keyword arguments of ``weighted_ce`` besides hidden, weight and labels."""
+        return {"bias": self.bias, "cu_seqlens": self.cu_seqlens, "shift": True,
+                "softcap": self.softcap}
+
+
+def head_inputs(model, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None, *,
+                cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
+                head: LMHead | None = None, model_kwargs: dict | None = None) -> HeadInputs:
+    """Run the base model and gather the inputs of the fused loss, without the logits.
+
+    ``labels`` are aligned with ``input_ids`` (HF convention; the loss shifts them). Padded
+    rows: (B, T) with ``attention_mask``. Packed rows: input_ids (1, N), ``position_ids``
+    restarting at 0 for each sample and ``cu_seqlens`` (B+1,).
+    """
+    head = head or find_lm_head(model)
+    kwargs = dict(model_kwargs or {})
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    hidden = hidden_states(model, input_ids, attention_mask, **kwargs)
     weight, bias = head.weight, head.bias
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
@@ -184,20 +213,16 @@ def _head_args(head: LMHead, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | N
         hidden = hidden * head.logit_scale
         if bias is not None:
             bias = bias * head.logit_scale
-    return hidden, weight, bias
-
-
-def _flatten_packed(hidden: Tensor, labels: Tensor, cu_seqlens: Tensor | None):
-    if cu_seqlens is None:
-        return hidden, labels
-    if hidden.dim() == 3:
-        if hidden.shape[0] != 1:
-            raise ValueError("with `cu_seqlens` the packed batch must be one row (1, N), got "
-                             f"hidden of shape {tuple(hidden.shape)}")
-        hidden = hidden[0]
-    if labels.dim() == 2:
-        labels = labels.reshape(-1)
-    return hidden, labels
+    if cu_seqlens is not None:
+        if hidden.dim() == 3:
+            if hidden.shape[0] != 1:
+                raise ValueError("with `cu_seqlens` the packed batch must be one row (1, N), got "
+                                 f"hidden of shape {tuple(hidden.shape)}")
+            hidden = hidden[0]
+        if labels.dim() == 2:
+            labels = labels.reshape(-1)
+    return HeadInputs(hidden=hidden, weight=weight, bias=bias, labels=labels,
+                      cu_seqlens=cu_seqlens, softcap=head.softcap)
 
 
 def causal_lm_loss(model, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
@@ -208,22 +233,17 @@ def causal_lm_loss(model, input_ids: Tensor, labels: Tensor, attention_mask: Ten
                    **weighted_ce_options) -> Tensor:
     """The (weighted) causal-LM loss of ``model`` via ``fastweight.weighted_ce``, no logits.
 
-    ``labels`` are aligned with ``input_ids`` (HF convention): the shift happens inside
-    (``shift=True``). Padded rows: (B, T) with ``attention_mask``. Packed rows: input_ids (1, N),
-    ``position_ids`` restarting at 0 for each sample and ``cu_seqlens`` (B+1,). The head's bias,
-    ``final_logit_softcapping`` and logit scale are applied. ``weighted_ce_options`` go to
+    Rows and labels as in ``head_inputs``; the shift happens inside (``shift=True``). The head's
+    bias, ``final_logit_softcapping`` and logit scale are applied. ``weighted_ce_options`` go to
     ``weighted_ce`` (``ignore_index``, ``label_smoothing``, ``impl``, ``chunk_bytes``, ...).
     """
-    head = head or find_lm_head(model)
-    kw = dict(model_kwargs or {})
-    if position_ids is not None:
-        kw["position_ids"] = position_ids
-    hidden = hidden_states(model, input_ids, attention_mask, **kw)
-    hidden, weight, bias = _head_args(head, hidden)
-    hidden, labels = _flatten_packed(hidden, labels, cu_seqlens)
-    return weighted_ce(hidden, weight, labels, sample_weights, bias=bias, cu_seqlens=cu_seqlens,
-                       shift=True, softcap=head.softcap, sample_reduction=sample_reduction,
-                       reduction=reduction, num_items=num_items, **weighted_ce_options)
+    from fastweight import weighted_ce  # at call time: fastweight.hf loads before the core
+
+    inputs = head_inputs(model, input_ids, labels, attention_mask, cu_seqlens=cu_seqlens,
+                         position_ids=position_ids, head=head, model_kwargs=model_kwargs)
+    return weighted_ce(inputs.hidden, inputs.weight, inputs.labels, sample_weights,
+                       sample_reduction=sample_reduction, reduction=reduction, num_items=num_items,
+                       **inputs.loss_options(), **weighted_ce_options)
 
 
 @torch.no_grad()
@@ -235,15 +255,12 @@ def sample_losses(model, input_ids: Tensor, labels: Tensor, attention_mask: Tens
     Labels equal to ``ignore_index`` (-100) do not count; a sample with no counted token gets 0.
     Packed rows: pass ``cu_seqlens`` (and ``position_ids``) with input_ids (1, N).
     """
-    head = head or find_lm_head(model)
-    kw = {}
-    if position_ids is not None:
-        kw["position_ids"] = position_ids
-    hidden = hidden_states(model, input_ids, attention_mask, **kw)
-    hidden, weight, bias = _head_args(head, hidden)
-    hidden, labels = _flatten_packed(hidden, labels, cu_seqlens)
-    return sequence_losses(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, shift=True,
-                           softcap=head.softcap, **options).float()
+    from fastweight import sequence_losses
+
+    inputs = head_inputs(model, input_ids, labels, attention_mask, cu_seqlens=cu_seqlens,
+                         position_ids=position_ids, head=head)
+    return sequence_losses(inputs.hidden, inputs.weight, inputs.labels, **inputs.loss_options(),
+                           **options).float()
 
 
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype",

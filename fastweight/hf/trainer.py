@@ -12,7 +12,9 @@ import contextlib
 import torch
 from transformers import Trainer
 
+from fastweight.data import collate
 from fastweight.hf.head import causal_lm_loss
+from fastweight.training.weights import normalize_weights
 
 __all__ = ["FlowTrainer", "FlowCollator"]
 
@@ -20,24 +22,19 @@ WEIGHT_COLUMN = "sample_weight"
 
 
 class FlowCollator:
-    """Pads ``input_ids`` (pad id), ``labels`` (-100) and builds ``attention_mask``; stacks
-    ``sample_weight`` (default 1.0) as fp32."""
+    """Pads ``input_ids`` (pad id), ``labels`` (-100; default: the input_ids) and builds
+    ``attention_mask`` with ``fastweight.data.collate``; stacks ``sample_weight`` (default 1.0)
+    as fp32."""
 
     def __init__(self, pad_token_id: int, ignore_index: int = -100):
-        self.pad, self.ignore = int(pad_token_id), ignore_index
+        self.pad_token_id, self.ignore_index = int(pad_token_id), ignore_index
 
     def __call__(self, features: list[dict]) -> dict:
-        T = max(len(f["input_ids"]) for f in features)
-        B = len(features)
-        ids = torch.full((B, T), self.pad, dtype=torch.long)
-        labels = torch.full((B, T), self.ignore, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for b, f in enumerate(features):
-            x = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            y = torch.as_tensor(f.get("labels", f["input_ids"]), dtype=torch.long)
-            ids[b, :len(x)], labels[b, :len(y)], mask[b, :len(x)] = x, y, 1
-        w = torch.tensor([float(f.get(WEIGHT_COLUMN, 1.0)) for f in features], dtype=torch.float32)
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, WEIGHT_COLUMN: w}
+        batch = collate(features, self.pad_token_id, ignore_index=self.ignore_index)
+        weights = torch.tensor([float(f.get(WEIGHT_COLUMN, 1.0)) for f in features],
+                               dtype=torch.float32)
+        return {"input_ids": batch["input_ids"], "labels": batch["labels"],
+                "attention_mask": batch["attention_mask"], WEIGHT_COLUMN: weights}
 
 
 @contextlib.contextmanager
@@ -59,14 +56,17 @@ def _forward_as(module: torch.nn.Module, fn):
 class FlowTrainer(Trainer):
     """``transformers.Trainer`` with the FLOW-weighted fused loss.
 
-    Extra arguments: ``sample_reduction`` ("token" or "mean"), ``weighted_ce_options`` (passed to
-    ``weighted_ce``: ``impl``, ``label_smoothing``, ...). Without a ``data_collator``, a
-    ``FlowCollator`` is used; the ``sample_weight`` column is kept whatever
-    ``remove_unused_columns`` says.
+    Extra arguments: ``sample_reduction`` ("token" or "mean"), ``weight_normalization``
+    ("none", the paper's weights, or "mean": every weight divided by the mean positive weight of
+    ``train_dataset``'s ``sample_weight`` column, so that the average step matches standard
+    fine-tuning; rows without a scored token have weight 0 and do not count), and
+    ``weighted_ce_options`` (passed to ``weighted_ce``: ``impl``, ``label_smoothing``, ...).
+    Without a ``data_collator``, a ``FlowCollator`` is used; the ``sample_weight`` column is
+    kept whatever ``remove_unused_columns`` says.
     """
 
-    def __init__(self, *args, sample_reduction: str = "token", weighted_ce_options: dict | None = None,
-                 **kwargs):
+    def __init__(self, *args, sample_reduction: str = "token", weight_normalization: str = "none",
+                 weighted_ce_options: dict | None = None, **kwargs):
         if kwargs.get("data_collator") is None:
             tok = kwargs.get("processing_class") or kwargs.get("tokenizer")
             pad = getattr(tok, "pad_token_id", None)
@@ -75,10 +75,22 @@ class FlowTrainer(Trainer):
             kwargs["data_collator"] = FlowCollator(pad)
         super().__init__(*args, **kwargs)
         self.sample_reduction = sample_reduction
+        self.weight_scale = self._weight_scale(weight_normalization)
         self.weighted_ce_options = dict(weighted_ce_options or {})
         # Ask the Trainer to count num_items_in_batch (over labels[..., 1:]) whatever the model.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+
+    def _weight_scale(self, normalization: str) -> float:
+        """The factor every batch's weights are multiplied by: 1, or 1 / mean weight."""
+        if normalization == "none":
+            return 1.0
+        dataset = self.train_dataset
+        if normalization != "mean" or WEIGHT_COLUMN not in (getattr(dataset, "column_names", None) or ()):
+            raise ValueError(f"weight_normalization={normalization!r}: expected 'none', or 'mean' "
+                             f"with a train_dataset that has a {WEIGHT_COLUMN!r} column")
+        weights = torch.tensor(dataset[WEIGHT_COLUMN], dtype=torch.float64)
+        return float(normalize_weights(weights, normalization).sum() / weights.sum())
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -91,7 +103,7 @@ class FlowTrainer(Trainer):
         labels = inputs.pop("labels")
         base = self.accelerator.unwrap_model(model)
         if weights is not None:
-            weights = weights.to(device=labels.device, dtype=torch.float32)
+            weights = weights.to(device=labels.device, dtype=torch.float32) * self.weight_scale
         num_items = num_items_in_batch
         if torch.is_tensor(num_items):
             num_items = num_items.to(labels.device)
