@@ -1,13 +1,18 @@
 """Ahead-of-time compile check of every Triton kernel, with no GPU needed.
 
-Compiles each kernel at every launch configuration its launcher can use (the modules'
-``aot_specs()``), for sm_80 and sm_90 and for bf16 / fp16 / fp32, with ``triton.compile`` and
-``GPUTarget("cuda", cc, 32)``; reads registers and spills from ``ptxas -v`` (the ptxas Triton
-ships) and shared memory from the compiled metadata. Writes
-``benchmarks/results/compile_report.json``: a list of
-``{kernel, arch, dtype, config, n_regs, n_spills, shared_bytes, ...}``.
+Compiles each kernel at every launch configuration and constexpr variant its launcher can use
+(``benchmarks.kernel_specs``), for sm_80 and sm_90, with ``triton.compile`` and
+``GPUTarget("cuda", cc, 32)``; reads registers and spills from ``ptxas -v`` and shared memory
+from the compiled metadata. Writes ``benchmarks/results/compile_report.json``: a list of
+``{kernel, arch, dtype, variant, config, n_regs, n_spills, shared_bytes, ptxas, ...}``.
 
-Exits non-zero on a compile error, or on spills in a default configuration.
+ptxas is the one the installed Triton itself uses for that architecture (Triton's
+``get_ptxas(arch)``: its bundled ``ptxas`` or, in newer Triton, ``ptxas-blackwell`` for sm_90 and
+up; ``TRITON_PTXAS_PATH`` / ``TRITON_PTXAS_BLACKWELL_PATH`` override it), since Triton writes the
+PTX ``.version`` of that tool's CUDA release. A ptxas failure reports ptxas's own message.
+
+Exits non-zero on a compile error, or on spills in a default configuration. Run it as a
+command (it unsets TRITON_INTERPRET before the kernels are imported).
 
     python -m benchmarks.aot_compile            # or: python benchmarks/aot_compile.py
     python -m benchmarks.aot_compile --arch 90 --kernel _ce_rows_kernel --out /tmp/r.json
@@ -25,66 +30,54 @@ import tempfile
 import time
 from pathlib import Path
 
-# Compiling needs real JIT functions, not the interpreter's.
-os.environ.pop("TRITON_INTERPRET", None)
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/aot_compile.py`
+    sys.path.insert(0, str(ROOT))
+
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compile_report.json"
 ARCHS = (80, 90)
 
 
-def _kernel_modules():
-    """fastweight.kernels.{linear_ce, aggregation}; from the checkout if not installed."""
-    try:
-        from fastweight.kernels import aggregation, linear_ce
-    except ImportError:
-        import importlib.util
-        import types
-
-        sys.path.insert(0, str(ROOT))
-        import fastweight
-
-        pkg = types.ModuleType("fastweight.kernels")
-        pkg.__path__ = [str(ROOT / "kernels")]
-        sys.modules["fastweight.kernels"] = pkg
-        fastweight.kernels = pkg
-        mods = []
-        for name in ("aggregation", "linear_ce"):
-            spec = importlib.util.spec_from_file_location(f"fastweight.kernels.{name}", ROOT / "kernels" / f"{name}.py")
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = mod
-            spec.loader.exec_module(mod)
-            mods.append(mod)
-        aggregation, linear_ce = mods
-    return linear_ce, aggregation
+class PtxasError(RuntimeError):
+    """ptxas rejected the PTX; the message is ptxas's own."""
 
 
-def all_specs():
-    linear_ce, aggregation = _kernel_modules()
-    return linear_ce.aot_specs() + aggregation.aot_specs()
+def ptxas_for(arch: int) -> tuple[str, str | None]:
+    """(path, CUDA release) of the ptxas the installed Triton uses to build cubins for sm_<arch>."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    if hasattr(nvidia, "get_ptxas"):  # Triton >= 3.4: knobs, per architecture
+        tool = nvidia.get_ptxas(arch)
+        return tool.path, tool.version
+    path, version = nvidia._path_to_binary("ptxas")  # Triton 3.0 - 3.3
+    return path, version
 
 
-def _ptxas() -> str:
-    import triton.backends.nvidia as nv
-
-    return str(Path(nv.__file__).parent / "bin" / "ptxas")
-
-
-def _resources(ptx: str) -> dict:
+def ptxas_resources(ptx: str, arch: int, ptxas: str | None = None) -> dict:
+    """Registers, spills and stack of ``ptx`` from ``ptxas -v`` (Triton's ptxas for ``arch``
+    unless ``ptxas`` is given). Raises ``PtxasError`` with ptxas's message when it fails."""
     target = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.M).group(1)
+    version = re.search(r"^\s*\.version\s+(\S+)", ptx, re.M)
+    path, release = (ptxas, None) if ptxas else ptxas_for(arch)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        proc = subprocess.run([_ptxas(), "-v", f"-arch={target}", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run([path, "-v", f"-arch={target}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                              capture_output=True, text=True)
     text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        message = " | ".join(line.strip() for line in text.splitlines() if line.strip()) or "(no output)"
+        raise PtxasError(f"ptxas exited {proc.returncode}: {message} [{path}"
+                         + (f", CUDA {release}" if release else "")
+                         + f"; PTX .version {version.group(1) if version else '?'}, {target}]")
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     stack = re.search(r"(\d+) bytes stack frame", text)
     stores, loads = (int(spill.group(1)), int(spill.group(2))) if spill else (0, 0)
     return {"n_regs": int(regs.group(1)) if regs else None, "n_spills": stores + loads,
             "spill_store_bytes": stores, "spill_load_bytes": loads,
-            "stack_bytes": int(stack.group(1)) if stack else 0, "ptx_target": target}
+            "stack_bytes": int(stack.group(1)) if stack else 0, "ptx_target": target,
+            "ptx_version": version.group(1) if version else None, "ptxas": path, "ptxas_cuda": release}
 
 
 def compile_one(index: int, arch: int) -> dict:
@@ -93,17 +86,19 @@ def compile_one(index: int, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from benchmarks.kernel_specs import all_specs
+
     spec = all_specs()[index]
-    rec = {"kernel": spec["kernel"], "arch": f"sm_{arch}", "dtype": spec["dtype"], "variant": spec["variant"],
-           "config": spec["config"], "default": spec["default"]}
+    rec = {"kernel": spec.kernel, "arch": f"sm_{arch}", "dtype": spec.dtype, "variant": spec.variant,
+           "config": spec.config, "default": spec.default}
     t0 = time.perf_counter()
     try:
-        fn = spec["fn"]
-        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.get("divisible_by_16", ())}
-        src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
+        fn = spec.fn
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible_by_16}
+        src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
         rec["shared_bytes"] = int(compiled.metadata.shared)
-        rec.update(_resources(compiled.asm["ptx"]))
+        rec.update(ptxas_resources(compiled.asm["ptx"], arch))
     except Exception as exc:  # noqa: BLE001 - reported, and makes the run fail
         rec.update({"n_regs": None, "n_spills": None, "shared_bytes": None,
                     "error": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -119,15 +114,25 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
+    # Compiling needs real JIT functions, not the interpreter's: unset it before the kernels'
+    # module is imported (here, not at import time, so that importing this module changes nothing).
+    os.environ.pop("TRITON_INTERPRET", None)
+    from benchmarks.kernel_specs import all_specs
 
     t0 = time.perf_counter()
     specs = all_specs()
     archs = args.arch or list(ARCHS)
     tasks = [(i, a) for i, s in enumerate(specs) for a in archs
-             if (not args.kernel or s["kernel"] in args.kernel) and (not args.dtype or s["dtype"] in args.dtype)]
+             if (not args.kernel or s.kernel in args.kernel) and (not args.dtype or s.dtype in args.dtype)]
     if not tasks:
         print("aot_compile: nothing selected", file=sys.stderr)
         return 2
+    for arch in archs:
+        try:
+            path, release = ptxas_for(arch)
+            print(f"aot_compile: sm_{arch}: {path} (CUDA {release})")
+        except Exception as exc:  # noqa: BLE001 - each compile will report it too
+            print(f"aot_compile: sm_{arch}: no ptxas ({type(exc).__name__}: {exc})", file=sys.stderr)
     if args.jobs > 1 and len(tasks) > 1:
         with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:
             records = list(pool.map(compile_one, *zip(*tasks)))

@@ -20,7 +20,10 @@ import statistics
 import pytest
 import torch
 
-from benchmarks import harness as H
+from benchmarks.cases import Case, build_inputs
+from benchmarks.measure import measure_floor, measure_peak_memory, release_memory, synchronize
+from benchmarks.peers import build
+from benchmarks.results import make_record, write_results
 
 _RECORDS: list[dict] = []
 _FLOORS: dict[tuple, float] = {}
@@ -55,15 +58,15 @@ def bench_records() -> list[dict]:
 
 @pytest.fixture(scope="session")
 def bench_floor(bench_device):
-    def floor(case: H.Case, op: str) -> float:
+    def floor(case: Case, op: str) -> float:
         key = (case.N, case.D, case.V, case.dtype, op)
         if key not in _FLOORS:
-            _FLOORS[key] = H.measure_floor(case, op, bench_device, repeats=2)
+            _FLOORS[key] = measure_floor(case, op, bench_device, repeats=2)
         return _FLOORS[key]
     return floor
 
 
-def find_record(case: H.Case, op: str, impl: str) -> dict | None:
+def find_record(case: Case, op: str, impl: str) -> dict | None:
     for r in _RECORDS:
         if r["case"] == case.name and r["op"] == op and r["impl"] == impl:
             return r
@@ -72,34 +75,34 @@ def find_record(case: H.Case, op: str, impl: str) -> dict | None:
 
 @pytest.fixture
 def bench_record(request, bench_device, bench_rounds, bench_floor):
-    """Time ``impl`` on ``case`` with pytest-benchmark and keep a harness record."""
-    def record(benchmark, case: H.Case, op: str, impl: str, memory: bool = True) -> dict:
+    """Time ``impl`` on ``case`` with pytest-benchmark and keep its record."""
+    def record(benchmark, case: Case, op: str, impl: str, memory: bool = True) -> dict:
         floor = bench_floor(case, op)
-        inp = H.build_inputs(case, bench_device)
+        inp = build_inputs(case, bench_device)
         try:
-            fn = H.build(impl, inp, op, bench_device)
+            fn = build(impl, inp, op, bench_device)
             loss = float(fn().float().sum())  # first call: warm-up (and compilation)
         except Exception as exc:  # e.g. torch.compile without a working C++ compiler
-            rec = H.make_record(bench_device, case, op, impl, float("nan"), floor,
+            rec = make_record(bench_device, case, op, impl, float("nan"), floor,
                                 error=f"{type(exc).__name__}: {str(exc)[:500]}")
             _RECORDS.append(rec)
             pytest.skip(f"{impl} failed: {rec['error'][:200]}")
 
         def timed():
             fn()
-            H.synchronize(bench_device)
+            synchronize(bench_device)
 
         benchmark.group = f"{op} {case.name}"
         benchmark.extra_info.update({"case": case.name, "op": op, "impl": impl,
                                      "N": case.N, "D": case.D, "V": case.V, "dtype": case.dtype})
         benchmark.pedantic(timed, rounds=bench_rounds, iterations=1, warmup_rounds=0)
         del fn, inp
-        H._release_memory()
+        release_memory()
         times = [t * 1e3 for t in benchmark.stats.stats.data] if benchmark.stats else []
         ms = statistics.median(times) if times else float("nan")
         use_mem = memory and os.environ.get("FASTWEIGHT_BENCH_MEMORY", "1") != "0"
-        mem = H.measure_peak_memory(case, op, impl, bench_device) if use_mem else {}
-        rec = H.make_record(bench_device, case, op, impl, ms, floor,
+        mem = measure_peak_memory(case, op, impl, bench_device) if use_mem else {}
+        rec = make_record(bench_device, case, op, impl, ms, floor,
                             mem.get("peak_mem_mib", float("nan")), loss, times_ms=times,
                             **({"mem_error": mem["error"]} if "error" in mem else {}))
         _RECORDS.append(rec)
@@ -114,12 +117,12 @@ def pytest_sessionfinish(session, exitstatus):
         return
     device = _RECORDS[0]["device"]
     dev = "cuda" if device.startswith("cuda") else "cpu"
-    path = H.write_results(_RECORDS, dev, os.environ.get("FASTWEIGHT_BENCH_RESULTS") or None)
+    path = write_results(_RECORDS, dev, os.environ.get("FASTWEIGHT_BENCH_RESULTS") or None)
     tr = session.config.pluginmanager.getplugin("terminalreporter")
     lines = [f"fastweight benchmark records written to {path}"]
     try:
         from benchmarks import foundation
-        if any(r["case"] == H.FOUNDATION_CASE.name for r in _RECORDS):
+        if any(r["case"] == foundation.FOUNDATION_CASE.name for r in _RECORDS):
             lines.append(foundation.format_summary(_RECORDS))
     except Exception as exc:  # pragma: no cover - the summary is informative only
         lines.append(f"(foundation summary failed: {exc})")

@@ -16,17 +16,22 @@ floor_ms / ms >= 0.85.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
-from benchmarks import harness as H
+from benchmarks.cases import FOUNDATION_CASE, build_inputs
+from benchmarks.measure import gemm_fns, measure_peak_memory, release_memory, time_fn
+from benchmarks.peers import IMPLEMENTATIONS, fastweight_builder
+from benchmarks.results import add_ratios, make_record, write_results
 
+FOUNDATION_IMPLS = ("fastweight_torch", "naive", "torch_chunked")
 GOALS = {"vs_torch_chunked": 1.0, "vs_naive": 0.85, "frac_of_floor": 0.85}
 
 
 def evaluate_goals(records: list[dict], impl: str = "fastweight_torch") -> dict:
     """The goal figures of ``impl`` on the foundation case from ``records``."""
     by = {r["impl"]: r for r in records
-          if r["case"] == H.FOUNDATION_CASE.name and r["op"] == "fwd_bwd"}
+          if r["case"] == FOUNDATION_CASE.name and r["op"] == "fwd_bwd"}
     fw, naive, chunked = by.get(impl), by.get("naive"), by.get("torch_chunked")
     if fw is None or fw.get("ms") is None:
         return {"error": f"no {impl} record for the foundation case"}
@@ -47,9 +52,9 @@ def evaluate_goals(records: list[dict], impl: str = "fastweight_torch") -> dict:
 
 
 def format_summary(records: list[dict]) -> str:
-    lines = [f"foundation case {H.FOUNDATION_CASE.name} (fwd+bwd, FLOW-weighted mean)"]
+    lines = [f"foundation case {FOUNDATION_CASE.name} (fwd+bwd, FLOW-weighted mean)"]
     for r in records:
-        if r["case"] != H.FOUNDATION_CASE.name or r["op"] != "fwd_bwd":
+        if r["case"] != FOUNDATION_CASE.name or r["op"] != "fwd_bwd":
             continue
         if r.get("ms") is None or r["ms"] != r["ms"]:
             lines.append(f"  {r['impl']:26s} ERROR {r.get('error')}")
@@ -70,7 +75,7 @@ def time_interleaved(fns: dict, device="cpu", rounds: int = 3) -> dict[str, list
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name] += H.time_fn(fn, device, warmup=0, repeats=1)
+            times[name] += time_fn(fn, device, warmup=0, repeats=1)
     return times
 
 
@@ -78,48 +83,46 @@ def run_foundation(impls, device="cpu", repeats: int = 3, memory: bool = True,
                    chunk_bytes=()) -> list[dict]:
     """Records of the foundation case: the floor and every implementation timed interleaved in
     this process, then each implementation's peak memory in its own process."""
-    import statistics
-    case = H.FOUNDATION_CASE
-    inp = H.build_inputs(case, device)
-    names = list(impls)
-    for cb in chunk_bytes:
-        H.IMPLEMENTATIONS[f"fastweight_torch@{cb}"] = H._fastweight_builder("torch", cb)
-        names.append(f"fastweight_torch@{cb}")
+    case = FOUNDATION_CASE
+    inp = build_inputs(case, device)
+    builders = {name: IMPLEMENTATIONS[name] for name in impls}
+    builders.update({f"fastweight_torch@{cb}": fastweight_builder("torch", cb) for cb in chunk_bytes})
+    names = list(builders)
     fns, losses, errors = {}, {}, {}
     for name in names:
         try:
-            fns[name] = H.build(name, inp, "fwd_bwd", device)
+            fns[name] = builders[name](inp, "fwd_bwd", device)
             losses[name] = float(fns[name]().float().sum())  # warm-up
         except Exception as exc:  # noqa: BLE001
             errors[name] = f"{type(exc).__name__}: {str(exc)[:500]}"
             fns.pop(name, None)
-    gemms = H.gemm_fns(case, "fwd_bwd", device)
+    gemms = gemm_fns(case, "fwd_bwd", device).values()
     fns["__floor__"] = lambda: [g() for g in gemms]
     fns["__floor__"]()
     times = time_interleaved(fns, device, repeats)
     floor_times = times.pop("__floor__")
     floor = statistics.median(floor_times)
     del fns, gemms
-    H._release_memory()
+    release_memory()
     records = []
     for name in names:
         if name in errors:
-            records.append(H.make_record(device, case, "fwd_bwd", name, float("nan"), floor,
+            records.append(make_record(device, case, "fwd_bwd", name, float("nan"), floor,
                                          error=errors[name]))
             continue
         mem = {}
         if memory:
             base, _, cb = name.partition("@")
-            mem = H.measure_peak_memory(case, "fwd_bwd", base, device,
+            mem = measure_peak_memory(case, "fwd_bwd", base, device,
                                         chunk_bytes=int(cb) if cb else None)
-        rec = H.make_record(device, case, "fwd_bwd", name, statistics.median(times[name]), floor,
+        rec = make_record(device, case, "fwd_bwd", name, statistics.median(times[name]), floor,
                             mem.get("peak_mem_mib", float("nan")), losses[name],
                             times_ms=times[name], floor_times_ms=floor_times,
                             timing="interleaved round-robin, median")
         if "@" in name:
             rec["chunk_bytes"] = int(name.partition("@")[2])
         records.append(rec)
-    return H.add_ratios(records)
+    return add_ratios(records)
 
 
 def main(argv=None) -> int:
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--impls", nargs="*", default=list(H.FOUNDATION_IMPLS))
+    ap.add_argument("--impls", nargs="*", default=list(FOUNDATION_IMPLS))
     ap.add_argument("--chunk-bytes", type=int, nargs="*", default=[])
     ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>-<date>.json)")
     ap.add_argument("--no-write", action="store_true")
@@ -135,10 +138,10 @@ def main(argv=None) -> int:
 
     records = run_foundation(args.impls, args.device, args.repeats, not args.no_memory,
                              args.chunk_bytes)
-    H.add_ratios(records)
+    add_ratios(records)
     print(format_summary(records))
     if not args.no_write:
-        path = H.write_results(records, args.device, args.out)
+        path = write_results(records, args.device, args.out)
         print(f"wrote {path}")
     return 0
 

@@ -5,19 +5,19 @@ each in its own process; the three-GEMM floor in the same run. Standalone:
 asserted: a timing assertion would make the suite flaky on a shared machine."""
 import pytest
 
-from benchmarks import harness as H
+from benchmarks.foundation import FOUNDATION_CASE, FOUNDATION_IMPLS
 
 
-@pytest.mark.parametrize("impl", H.FOUNDATION_IMPLS)
+@pytest.mark.parametrize("impl", FOUNDATION_IMPLS)
 def test_foundation_fwd_bwd(benchmark, bench_record, impl):
-    rec = bench_record(benchmark, H.FOUNDATION_CASE, "fwd_bwd", impl)
+    rec = bench_record(benchmark, FOUNDATION_CASE, "fwd_bwd", impl)
     assert rec["loss"] == rec["loss"]  # finite
 
 
 def test_foundation_losses_agree(bench_records):
     """fastweight and naive compute the same weighted loss (PyTorch chunked is unweighted)."""
     by = {r["impl"]: r for r in bench_records
-          if r["case"] == H.FOUNDATION_CASE.name and r["op"] == "fwd_bwd" and r.get("loss")}
+          if r["case"] == FOUNDATION_CASE.name and r["op"] == "fwd_bwd" and r.get("loss")}
     if "fastweight_torch" not in by or "naive" not in by:
         pytest.skip("foundation records missing")
     assert by["fastweight_torch"]["loss"] == pytest.approx(by["naive"]["loss"], rel=1e-4)

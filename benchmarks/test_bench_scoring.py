@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import harness
+from benchmarks import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,7 +126,7 @@ def _head_floor_s(N: int, D: int, V: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# peak memory, one case per process (the probes are the suite's, in benchmarks.harness)
+# peak memory, one case per process (the probes are the suite's, in benchmarks.measure)
 
 
 def measure_memory_here(case: str) -> dict:
@@ -142,11 +142,11 @@ def measure_memory_here(case: str) -> dict:
         return {"peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20,
                 "method": "cuda max_memory_allocated - allocated after inputs",
                 "loss_sum": float(out.sum())}
-    reset = harness.reset_hwm()
-    base = harness.rss_bytes()
+    reset = measure.reset_hwm()
+    base = measure.rss_bytes()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = CASES[case](model, ids, labels, mask)
-    peak = harness.hwm_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = measure.hwm_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     floor = base if reset else max(base, before)
     return {"peak_mib": (peak - floor) / 2**20,
             "method": "VmHWM (reset by clear_refs) - RSS after build" if reset
@@ -226,9 +226,9 @@ def teardown_module(module):
                      "floor_note": "head matmul 2*N*D*V (N padded tokens) at the matmul rate "
                                    "measured in this run"})
     out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = Path(os.environ.get("FASTWEIGHT_SCORE_BENCH_RESULTS") or
                 out_dir / f"scoring-{DEVICE}-{datetime.date.today().isoformat()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_RESULTS, indent=2))
     lines = [f"scoring benchmark ({_RESULTS['device']}, {SHAPE}) -> {path}"]
     for name, r in cases.items():
