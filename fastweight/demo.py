@@ -226,21 +226,23 @@ def _plot(results, path: Path) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    names = list(results)
+    color = {name: f"C{k}" for k, name in enumerate(names)}  # one colour per model in every panel
     for name in ARMS:
         history = results[name]["history"]
-        axes[0].plot([x["step"] for x in history], [x["loss_unweighted"] for x in history], label=name)
+        axes[0].plot([x["step"] for x in history], [x["loss_unweighted"] for x in history], label=name,
+                     color=color[name])
     axes[0].set_title("fine-tuning loss (unweighted token mean)")
     axes[0].set_xlabel("step")
     axes[0].legend()
-    names = list(results)
     categories = ["general", *demo_data.GROUPS]
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         losses = [results[name]["general"]["all"]["loss"]] + [results[name]["task"][g]["loss"] for g in demo_data.GROUPS]
         accuracies = [results[name]["general"]["all"]["acc"]] + [results[name]["task"][g]["acc"] for g in demo_data.GROUPS]
         xs = [i + k * width for i in range(len(categories))]
-        axes[1].bar(xs, losses, width, label=name)
-        axes[2].bar(xs, accuracies, width, label=name)
+        axes[1].bar(xs, losses, width, label=name, color=color[name])
+        axes[2].bar(xs, accuracies, width, label=name, color=color[name])
     for axis, title in ((axes[1], "answer loss"), (axes[2], "exact-match accuracy")):
         axis.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(categories))], categories)
         axis.set_title(title)
