@@ -108,12 +108,13 @@ def _by_name(op: str, name: str) -> Backend:
 
 
 def _unsupported(backend: Backend, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``backend`` cannot run on (device, dtype), or None if it can."""
+    """Why ``backend`` cannot run on (device, dtype), or None if it can. The dtype is checked
+    first: probing the extension may build it, which an fp64 run never needs."""
+    if dtype not in backend.dtypes:
+        return f"it does not support {dtype}"
     devices, reason = backend.probe()
     if backend.module is None or device.type not in devices:
         return f"it does not run on {device.type} here ({reason})"
-    if dtype not in backend.dtypes:
-        return f"it does not support {dtype}"
     return None
 
 

@@ -187,8 +187,8 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
             saved_lse = lse_out[start:stop]
             lse_c = torch.where(valid, saved_lse, float("inf"))
         if plain:
-            target_logit = z.gather(1, classes.unsqueeze(1)).squeeze(1)
             if lse is None:
+                target_logit = z.gather(1, classes.unsqueeze(1)).squeeze(1)  # before z is overwritten
                 z_max = z.amax(1, keepdim=True)
                 z.sub_(z_max).exp_()                  # z <- exp(z - max), in place
                 sum_exp = z.sum(1)
