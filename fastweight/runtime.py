@@ -85,6 +85,9 @@ class Distributed:
         """Leave the process group if this process joined it."""
         if self.initialized_here:
             import torch.distributed as dist
+            # Every rank is done communicating before any tears down: a gloo rank that leaves
+            # while a peer's connection is still live can abort at exit ("terminate called").
+            self.barrier()
             dist.destroy_process_group()
             self.initialized_here = False
 
