@@ -35,9 +35,10 @@ def main(model_path: str, out: str) -> None:
         loss.backward()
         grad = find_lm_head(model).weight.grad
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
-        results["sharded" if sharded else "plain"] = [float(loss), float(grad.norm())]
+        results["sharded" if sharded else "plain"] = [float(loss.detach()), float(grad.norm())]
     if dist.get_rank() == 0:
         print(json.dumps(results))
+    dist.barrier()  # no rank tears down gloo while a peer still talks (it can abort at exit)
     dist.destroy_process_group()
 
 
