@@ -6,6 +6,13 @@ Compiles each kernel at every launch configuration and constexpr variant its lau
 from the compiled metadata. Writes ``benchmarks/results/compile_report.json``: a list of
 ``{kernel, arch, dtype, variant, config, n_regs, n_spills, shared_bytes, ptxas, ...}``.
 
+Where ``nvdisasm`` is found (Triton bundles one), each record also has ``loops``: per loop of
+the SASS (a backward branch), the instructions of one iteration, its MUFU (special-function:
+exp2, reciprocal) and barrier instructions, and, for the row kernel, those per logit element
+(an iteration covers BLOCK_M * BLOCK_V / (32 * num_warps) elements per thread). With a softcap
+the row kernel is bound by instruction issue and MUFU throughput, not by memory, so these
+static counts are the CPU-side measure of its cost.
+
 ptxas is the one the installed Triton itself uses for that architecture (Triton's
 ``get_ptxas(arch)``: its bundled ``ptxas`` or, in newer Triton, ``ptxas-blackwell`` for sm_90 and
 up; ``TRITON_PTXAS_PATH`` / ``TRITON_PTXAS_BLACKWELL_PATH`` override it), since Triton writes the
@@ -24,6 +31,7 @@ import concurrent.futures as cf
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,6 +88,55 @@ def ptxas_resources(ptx: str, arch: int, ptxas: str | None = None) -> dict:
             "ptx_version": version.group(1) if version else None, "ptxas": path, "ptxas_cuda": release}
 
 
+def nvdisasm_path() -> str | None:
+    """Triton's bundled nvdisasm, else one on PATH, else None."""
+    try:
+        import triton
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+        if bundled.is_file():
+            return str(bundled)
+    except ImportError:
+        pass
+    return shutil.which("nvdisasm")
+
+
+_LABEL = re.compile(r"^\.(L_x_\d+):")
+_BRANCH = re.compile(r"BRA\s+`\(\.(L_x_\d+)\)")
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?")
+
+
+def sass_loops(sass: str, elements_per_thread: float | None = None) -> list[dict]:
+    """The loops of disassembled SASS (``nvdisasm -c`` text): for each backward branch, the
+    instructions from its target label to the branch, counted by opcode class."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
+    loops = []
+    for i, line in enumerate(lines):
+        branch = _BRANCH.search(line)
+        if not branch or branch.group(1) not in labels or labels[branch.group(1)] >= i:
+            continue
+        ops = [m.group(1) + (m.group(2) or "") for m in map(_OPCODE.search, lines[labels[branch.group(1)]:i + 1]) if m]
+        if len(ops) < 2:  # the `BRA self` that ends a kernel
+            continue
+        loop = {"instructions": len(ops), "mufu": sum(op.startswith("MUFU") for op in ops),
+                "barriers": sum(op.startswith("BAR") for op in ops),
+                "shuffles": sum(op.startswith("SHFL") for op in ops)}
+        if elements_per_thread:
+            loop["per_element"] = {k: round(v / elements_per_thread, 2) for k, v in loop.items()}
+        loops.append(loop)
+    return loops
+
+
+def disassemble(cubin: bytes, nvdisasm: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        proc = subprocess.run([nvdisasm, "-c", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvdisasm exited {proc.returncode}: {proc.stderr.strip()[:300]}")
+    return proc.stdout
+
+
 def compile_one(index: int, arch: int) -> dict:
     """Compile spec ``index`` for sm_``arch``; a record (with ``error`` on failure)."""
     import triton
@@ -99,6 +156,12 @@ def compile_one(index: int, arch: int) -> dict:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
         rec["shared_bytes"] = int(compiled.metadata.shared)
         rec.update(ptxas_resources(compiled.asm["ptx"], arch))
+        nvdisasm = nvdisasm_path()
+        if nvdisasm:
+            per_thread = None
+            if "BLOCK_V" in spec.config:
+                per_thread = spec.config.get("BLOCK_M", 1) * spec.config["BLOCK_V"] / (32 * spec.num_warps)
+            rec["loops"] = sass_loops(disassemble(compiled.asm["cubin"], nvdisasm), per_thread)
     except Exception as exc:  # noqa: BLE001 - reported, and makes the run fail
         rec.update({"n_regs": None, "n_spills": None, "shared_bytes": None,
                     "error": f"{type(exc).__name__}: {exc}"[:2000]})

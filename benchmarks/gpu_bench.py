@@ -4,16 +4,20 @@ Cases (``benchmarks.cases.GPU_CASES``): the Gemma-2-2B head (N=8192, D=2304, V=2
 softcap 30) and the Llama-3-8B head (N=8192, D=4096, V=128256), each "fwd_bwd" (FLOW-weighted
 mean loss + backward to hidden and weight) and "score" (per-sample mean losses under no_grad);
 and the Llama head frozen (``weight.requires_grad=False``: hidden gets a gradient, the head
-none), "fwd_bwd" only. Implementations: fastweight (public API, impl="triton"), torch.compile'd
-naive, Liger-Kernel, cut-cross-entropy, naive PyTorch (the library's reference), PyTorch's
-chunked F.linear_cross_entropy, each when available; a failure or an out-of-memory is a record.
+none), "fwd_bwd" only. Implementations: fastweight (public API, impl="triton") and two variants
+of its schedule that are not peers (``fastweight_overlap``: two streams, half-size chunks;
+``fastweight_2gib``: 2 GiB chunks), torch.compile'd naive, Liger-Kernel, cut-cross-entropy,
+naive PyTorch (the library's reference), PyTorch's chunked F.linear_cross_entropy, each when
+available; a failure or an out-of-memory is a record. Then fastweight and its overlap variant
+are profiled (``benchmarks.measure.kernel_breakdown``): GEMM, row-kernel and other kernel time
+per call, and how busy the GPU was.
 
 The floor is the matmul work (6*N*D*V for fwd_bwd, 4*N*D*V with a frozen head, 2*N*D*V for
 score) at the best bf16 matmul rate measured in this run (a square 8192^3 GEMM and the cases'
 own GEMMs). peak_mem_gib is the CUDA high-water mark above the inputs and the gradients.
 
 Writes ``benchmarks/results/gpu-<card>-<date>.json`` ({"machine", "matmul", "records",
-"verdicts", "total_s"}, rewritten after each case) and a PNG beside it, then prints a table and,
+"verdicts", "profiles", "total_s"}, rewritten after each case) and a PNG beside it, then prints a table and,
 last, one PASS/SHORT line per (case, op) against the speed goal (``benchmarks.goals``).
 
     python benchmarks/gpu_bench.py                    # on a GPU (benchmarks/gpu_check.sh runs it)
@@ -28,8 +32,39 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The strongest peers first, so that a time budget cuts the weakest.
-IMPLS = ("fastweight", "compiled", "liger", "cce", "naive", "torch_chunked")
+# fastweight and its own variants (never cut by the time budget), then the strongest peers
+# first, so that the budget cuts the weakest.
+IMPLS = ("fastweight", "fastweight_overlap", "fastweight_2gib", "compiled", "liger", "cce", "naive",
+         "torch_chunked")
+# Profiled per (case, op) after the timings: where their time goes.
+PROFILED = ("fastweight", "fastweight_overlap")
+
+
+def profile_case(case, ops, impls, device) -> list[dict]:
+    """``kernel_breakdown`` of each impl on each op of ``case`` (a failure is a record too),
+    each printed as one line."""
+    from benchmarks.cases import build_inputs
+    from benchmarks.measure import kernel_breakdown, release_memory
+    from benchmarks.peers import build
+
+    inputs = build_inputs(case, device)
+    out = []
+    for op in case.timed_ops(ops):
+        for impl in impls:
+            record = {"case": case.name, "op": op, "impl": impl}
+            try:
+                record.update(kernel_breakdown(build(impl, inputs, op, device), device))
+                groups = ", ".join(f"{k} {v:.2f}" for k, v in record["groups"].items())
+                print(f"profile {case.name} {op} {impl}: {groups} ms; kernels {record['kernel_ms']:.2f} ms "
+                      f"in {record['wall_ms']:.2f} ms wall (busy {record['busy']:.2f})", flush=True)
+            except Exception as exc:  # noqa: BLE001 - a failed profile is a record, not the end
+                record["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                print(f"profile {case.name} {op} {impl}: failed: {record['error']}", flush=True)
+            out.append(record)
+            release_memory(device)
+    del inputs
+    release_memory(device)
+    return out
 
 
 def main(argv=None) -> int:
@@ -43,6 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=240.0,
                         help="skip the remaining peers (never fastweight) once this much time has passed")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    parser.add_argument("--no-profile", action="store_true", help="do not profile fastweight's kernels")
     args = parser.parse_args(argv)
 
     if args.dry_run:
@@ -77,18 +113,24 @@ def main(argv=None) -> int:
 
     out = args.out or results_path(device, prefix="gpu")
     records: list[dict] = []
+    profiles: list[dict] = []
+    impls = args.impl or list(IMPLS)
     for case in cases:
         remaining = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
         records += run_cases(
-            [case], ops=args.op or ["fwd_bwd", "score"], impls=args.impl or list(IMPLS), device=device,
+            [case], ops=args.op or ["fwd_bwd", "score"], impls=impls, device=device,
             warmup=2, repeats=args.repeats or (2 if args.dry_run else 5), memory=not args.dry_run,
-            floor=lambda c, op: floor_at_rate(c, op, best), budget_s=remaining, keep=("fastweight",),
+            floor=lambda c, op: floor_at_rate(c, op, best), budget_s=remaining,
+            keep=tuple(i for i in IMPLS if i.startswith("fastweight")),
             exclude_grads=True, log=lambda line: print(line, flush=True),
             skip={"compiled": "skipped in the dry run (needs a C++ toolchain and minutes)"} if args.dry_run else None)
+        if not args.no_profile:
+            profiles += profile_case(case, args.op or ["fwd_bwd", "score"],
+                                     [i for i in PROFILED if i in impls], device)
         judged = goals.verdicts(records)
         write_results(records, device, out, merge=False,
                       extra={"matmul": {"best_tflops": best, "rates": rates}, "verdicts": judged,
-                             "total_s": round(time.perf_counter() - start, 1)})
+                             "profiles": profiles, "total_s": round(time.perf_counter() - start, 1)})
 
     print(f"\nwrote {out}  (floor at {best:.4g} TFLOP/s, {time.perf_counter() - start:.1f} s)")
     if not args.no_plot:

@@ -37,8 +37,13 @@ ROW_MODES = {"forward": (False, False), "fwd_bwd": (True, False), "backward": (T
 # Its optional features, as sets of flags compiled in each mode: every softcap / smoothing
 # combination, z-loss alone and with them, and (where a forward sweep runs, so that hits can
 # be written) the hit flag alone and with everything on: the variant with the most live values.
-ROW_FEATURES = ((), ("SOFTCAP",), ("SMOOTH",), ("SOFTCAP", "SMOOTH"), ("ZLOSS",), ("SOFTCAP", "SMOOTH", "ZLOSS"))
-ROW_FORWARD_FEATURES = (("HIT",), ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT"))
+# A softcap up to linear_ce.BOUNDED_SOFTCAP (Gemma's 30) runs the BOUNDED sweep, a larger one
+# the running-maximum sweep: both are compiled.
+ROW_FEATURES = ((), ("SOFTCAP",), ("SOFTCAP", "BOUNDED"), ("SMOOTH",), ("SOFTCAP", "SMOOTH"),
+                ("SOFTCAP", "SMOOTH", "BOUNDED"), ("ZLOSS",), ("SOFTCAP", "SMOOTH", "ZLOSS"),
+                ("SOFTCAP", "SMOOTH", "ZLOSS", "BOUNDED"))
+ROW_FORWARD_FEATURES = (("HIT",), ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT"), ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT", "BOUNDED"))
+ROW_FLAGS = ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT", "BOUNDED")
 
 
 class KernelSpecError(LookupError):
@@ -109,13 +114,13 @@ def row_kernel_specs() -> list[KernelSpec]:
         for mode, (grad, lse_given) in ROW_MODES.items():
             feature_sets = ROW_FEATURES + (() if lse_given else ROW_FORWARD_FEATURES)
             for features, aligned in itertools.product(feature_sets, (False, True)):
-                flags = {flag: flag in features for flag in ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT")}
+                flags = {flag: flag in features for flag in ROW_FLAGS}
                 variant = mode + "".join(f"+{flag.lower()}" for flag in features) + "+aligned" * aligned
                 arg_types = {**ROW_ARG_TYPES, **({"hit_ptr": "*i8"} if flags["HIT"] else {})}
                 specs.append(make_spec(
                     linear_ce._ce_rows_kernel, dtype, variant,
                     {**config, "divisible_by_16": ("stride_row", "n_cols")}, arg_types,
-                    {**flags, "GRAD": grad, "LSE_GIVEN": lse_given, **blocks}, aligned))
+                    {**flags, "GRAD": grad, "LSE_GIVEN": lse_given, "PTX": True, **blocks}, aligned))
     return specs
 
 

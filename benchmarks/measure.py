@@ -1,6 +1,7 @@
 """Measurements: wall time, the matmul floor, and peak memory.
 
 - ``time_fn``: device-synchronised wall times of repeated calls.
+- ``kernel_breakdown``: where those times go (GEMMs, the row kernel, the rest), by torch.profiler.
 - The floor is the matmul work of an op: the logits GEMM X @ W.T (2*N*D*V flops) for "score";
   plus the dX GEMM G @ W for "fwd_bwd" with a frozen head (4*N*D*V); plus the dW GEMM G.T @ X
   for "fwd_bwd" (6*N*D*V). ``measure_floor`` times those GEMMs at the case's shape now;
@@ -61,6 +62,56 @@ def time_fn(fn: Callable[[], object], device="cpu", warmup: int = 1, repeats: in
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+# Kernel groups of a profile, first match wins: fastweight's Triton kernels by name, then the
+# GEMMs (cuBLAS/CUTLASS kernel names on CUDA, the ATen matmul ops on the CPU).
+KERNEL_GROUPS = (
+    ("row_kernel", re.compile(r"_ce_rows_kernel")),
+    ("aggregation", re.compile(r"_coefficients_kernel|_segment_mean")),
+    ("gemm", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|aten::(mm|addmm|bmm|matmul|linear)\b", re.I)),
+)
+
+
+def kernel_breakdown(fn: Callable[[], object], device="cpu", calls: int = 3) -> dict:
+    """Where the time of ``fn`` goes, per call, from ``torch.profiler`` over ``calls`` calls
+    (after one unprofiled call): {"wall_ms", "kernel_ms", "busy", "groups": {group: ms},
+    "top": [[name, ms], ...]}. On CUDA these are the kernels' device times, and ``busy`` =
+    kernel_ms / wall_ms is above 1 when kernels overlap (streams) and below when the GPU idles.
+    On the CPU they are the ATen ops' self CPU times: a rough view only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    fn()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        if cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            times[event.key] = times.get(event.key, 0.0) + us / 1e3 / calls
+    if not times:
+        raise RuntimeError("the profiler recorded no " + ("CUDA kernels" if cuda else "CPU ops"))
+    groups = {name: 0.0 for name, _ in KERNEL_GROUPS} | {"other": 0.0}
+    for name, ms in times.items():
+        group = next((g for g, pattern in KERNEL_GROUPS if pattern.search(name)), "other")
+        groups[group] += ms
+    kernel_ms = sum(times.values())
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
+    return {"wall_ms": wall_ms, "kernel_ms": kernel_ms, "busy": kernel_ms / wall_ms if wall_ms else None,
+            "groups": groups, "top": [[name[:120], ms] for name, ms in top],
+            "method": "torch.profiler " + ("CUDA kernel device times" if cuda else "CPU self times of ATen ops")}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ fastweight computes, so their losses must agree.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,10 @@ NOTES = {
                         "weights, mean over tokens; score: fastweight.sequence_losses(impl='torch')",
     "fastweight_triton": "fastweight.weighted_ce(impl='triton'), FLOW sample weights, mean over "
                          "tokens; score: fastweight.sequence_losses(impl='triton') under no_grad",
+    "fastweight_overlap": "fastweight (impl='triton') with the two-stream schedule "
+                          "(fastweight.kernels.linear_ce.OVERLAP=True): two half-budget logits buffers",
+    "fastweight_2gib": "fastweight (impl='triton') with chunk_bytes=2 GiB: fewer, larger chunks, over "
+                       "the 1 GiB memory goal",
     "liger": "Liger-Kernel LigerFusedLinearCrossEntropyLoss; no per-sample weights: "
              "fwd_bwd timed with reduction='mean' (unweighted)",
     "cce": "cut-cross-entropy linear_cross_entropy (default filter_eps); no per-sample weights: "
@@ -46,6 +51,8 @@ NOTES = {
 }
 # Other names for an implementation (the GPU check calls fastweight's Triton path "fastweight").
 ALIASES = {"fastweight": "fastweight_triton"}
+# fastweight's own alternative schedules, timed beside it to choose its defaults: not peers.
+VARIANTS = ("fastweight_overlap", "fastweight_2gib")
 NO_SOFTCAP = "no softcap support: timed without softcap"
 
 Runner = Callable[[], torch.Tensor]
@@ -149,15 +156,43 @@ def _build_torch_chunked(inp: Inputs, op: str, device) -> Runner:
     return _score(lambda h, w: sample_means(losses(h, w, "none"), inp), inp, note)
 
 
-def fastweight_builder(impl: str, chunk_bytes: int | None = None):
-    """fastweight through its public API with ``impl`` (and an optional chunk budget)."""
+@contextlib.contextmanager
+def _overlap(overlap: bool | None) -> Iterator[None]:
+    """Within this context the Triton launcher's default schedule is ``overlap`` (None: as is)."""
+    if overlap is None:
+        yield
+        return
+    from fastweight.kernels import linear_ce as kernel
+    previous, kernel.OVERLAP = kernel.OVERLAP, overlap
+    try:
+        yield
+    finally:
+        kernel.OVERLAP = previous
+
+
+def _scheduled(run: Runner, overlap: bool) -> Runner:
+    """``run`` with the Triton launcher's default schedule set to ``overlap`` for the call."""
+    def scheduled() -> torch.Tensor:
+        with _overlap(overlap):
+            return run()
+    for name in ("grads", "leaves", "note"):
+        if hasattr(run, name):
+            setattr(scheduled, name, getattr(run, name))
+    return scheduled
+
+
+def fastweight_builder(impl: str, chunk_bytes: int | None = None, overlap: bool | None = None):
+    """fastweight through its public API with ``impl`` (and an optional chunk budget; for
+    impl="triton", an optional stream schedule)."""
     def build(inp: Inputs, op: str, device) -> Runner:
         if op == "fwd_bwd":
-            return _fwd_bwd(lambda h, w: fastweight.weighted_ce(
+            run = _fwd_bwd(lambda h, w: fastweight.weighted_ce(
                 h, w, inp.labels, inp.sample_weights, reduction="mean", impl=impl,
                 softcap=inp.softcap, chunk_bytes=chunk_bytes), inp)
-        return _score(lambda h, w: fastweight.sequence_losses(
-            h, w, inp.labels, impl=impl, softcap=inp.softcap, chunk_bytes=chunk_bytes), inp)
+        else:
+            run = _score(lambda h, w: fastweight.sequence_losses(
+                h, w, inp.labels, impl=impl, softcap=inp.softcap, chunk_bytes=chunk_bytes), inp)
+        return run if overlap is None else _scheduled(run, overlap)
     return build
 
 
@@ -205,6 +240,8 @@ IMPLEMENTATIONS: dict[str, Callable[[Inputs, str, object], Runner]] = {
     "torch_chunked": _build_torch_chunked,
     "fastweight_torch": fastweight_builder("torch"),
     "fastweight_triton": fastweight_builder("triton"),
+    "fastweight_overlap": fastweight_builder("triton", overlap=True),
+    "fastweight_2gib": fastweight_builder("triton", chunk_bytes=2 << 30),
     "liger": _build_liger,
     "cce": _build_cce,
 }

@@ -13,14 +13,18 @@ Design (token-chunked; the (N, V) logits never exist, only a (C, V) block of the
    logit is never read); sweep 2 (gradient only) re-reads the block and
    overwrites it *in place* with d(sum_t c_t l_t)/d(raw logits), in the input dtype. With a
    saved ``lse`` (``backward``) sweep 1 is skipped. Ignored rows are never read; their
-   gradient rows are written as zeros.
+   gradient rows are written as zeros. A softcap makes the kernel bound by instruction issue
+   and the special-function unit rather than by memory, so its path is lean: tanh from one
+   exp2 and one reciprocal (``rcp.approx`` on CUDA), and for caps up to
+   :data:`BOUNDED_SOFTCAP` a logsumexp with no running maximum and no per-tile reductions
+   (``python -m benchmarks.aot_compile`` reports the instructions per logit of each variant).
 3. ``dx_c = G @ W`` and ``dW += G^T @ x_c`` by cuBLAS (``addmm_``, beta=1); ``db`` is a
    column sum of G in fp32.
 
 So forward+backward costs exactly the 6*N*D*V matmul flops in cuBLAS plus about three passes
 over each (C, V) block (read, read, write) in the row kernel; scoring costs 2*N*D*V plus one
 read. Memory beyond inputs and gradients is one (C, V) block in the input dtype, C chosen from
-``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`, 768 MiB) and rounded to a multiple of 128 rows, so
+``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`, 896 MiB) and rounded to a multiple of 128 rows, so
 there are only a few chunks (the (V, D) dW accumulator is touched once per chunk, not once per
 small token block). dW is accumulated in fp32 when the weight is fp32, when there is a single
 chunk (one cuBLAS GEMM, fp32 accumulation inside), or when an fp32 (V, D) buffer fits in a
@@ -41,7 +45,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-DEFAULT_CHUNK_BYTES = 768 << 20
+# 7/8 GiB: within the 1 GiB goal above inputs and gradients, with room for the small buffers.
+# Larger chunks are faster (on an H200 at the Gemma head, 2 GiB chunks beat 768 MiB ones by
+# 10%: the dW GEMM reads and writes all of dW once per chunk, so fewer chunks, less traffic).
+DEFAULT_CHUNK_BYTES = 896 << 20
+# The default of ``linear_ce(overlap=None)``: the two-stream schedule halves every chunk, so it
+# must win back more than the larger chunks give; it is off until a GPU run shows it does
+# (benchmarks/gpu_bench.py times it as "fastweight_overlap").
+OVERLAP = False
 
 # Launch configurations of the row kernel, keyed by the element size of the logits block.
 # benchmarks/aot_compile.py compiles each one for sm_80 and sm_90; keep the table small.
@@ -53,21 +64,36 @@ ROW_CONFIGS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+# The largest softcap whose logsumexp runs without a running maximum (``BOUNDED``): every term
+# exp2((t - 1) * cap * log2(e)) stays above 2^-115, inside fp32's normal (non-flushed) range.
+BOUNDED_SOFTCAP = 40.0
 
 
 # --------------------------------------------------------------------------------------------
 # kernel
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _tanh_and_slope(x):
-    """(tanh(x), 1 - tanh(x)^2) from e = exp(-2|x|) in (0, 1]: no overflow, no NaN, and the
-    slope 4e / (1 + e)^2 keeps full relative precision where tanh saturates (no 1 - t*t
-    cancellation). Interpreter-friendly (no libdevice)."""
-    e = tl.exp2(tl.abs(x) * (-2.0 * _LOG2E))
-    r = 1.0 / (1.0 + e)
-    t = (1.0 - e) * r
-    t = tl.where(x < 0, -t, t)
-    return t, 4.0 * e * r * r
+def _reciprocal(x, PTX: tl.constexpr):
+    """1 / x. ``PTX`` (CUDA only): one ``rcp.approx.ftz.f32`` (1 ulp), where ``/`` compiles to
+    ``div.full.f32``: the same reciprocal plus range checks that operands in [1, 2] never need."""
+    if PTX:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _capped_tanh(z, k, PTX: tl.constexpr):
+    """(tanh(z / cap), (1 - tanh(z / cap)^2) / 4) for ``k = -2 log2(e) / cap``, from
+    e = exp(-2|z| / cap) in (0, 1]: no overflow, no NaN, and the quarter slope e / (1 + e)^2
+    keeps full relative precision where tanh saturates (no 1 - t*t cancellation). Two MUFU
+    operations (exp2, reciprocal) per element; portable when ``PTX`` is off (the interpreter).
+    The slope comes as a quarter so that callers fold the 4 into a per-row factor."""
+    e = tl.exp2(tl.abs(z) * k)
+    r = _reciprocal(1.0 + e, PTX)
+    t = r - e * r
+    return tl.where(z < 0, -t, t), e * r * r
 
 
 @triton.jit
@@ -79,12 +105,19 @@ def _ce_rows_kernel(
     softcap, smoothing, z_loss,
     SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
     GRAD: tl.constexpr, LSE_GIVEN: tl.constexpr, HIT: tl.constexpr,
+    BOUNDED: tl.constexpr, PTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Per-row CE over a (n_rows, n_cols) logits block; optionally its gradient, in place.
 
     The loss of a row is (1 - smoothing) * (lse - z_y) + smoothing * (lse - mean(z))
-    + z_loss * lse^2; ``hit`` is whether z_y attains the row's maximum (the argmax is right)."""
+    + z_loss * lse^2; ``hit`` is whether z_y attains the row's maximum (the argmax is right).
+
+    ``BOUNDED`` (softcap <= ``BOUNDED_SOFTCAP``): capped logits lie in [-cap, cap], so
+    exp(z - cap) lies in [exp(-2 cap), 1], in fp32's normal range: the logsumexp needs no
+    running maximum. Sweep 1 then keeps element-wise partial sums in registers and reduces them
+    once per row instead of twice per tile. The capped logits are carried as t = tanh(z / cap)
+    and scaled by cap * log2(e) inside the exponent's fused multiply-add."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < n_rows
@@ -94,21 +127,38 @@ def _ce_rows_kernel(
     invalid = live & (tgt >= n_cols)
     row_ptr = logits_ptr + rows.to(tl.int64) * stride_row
     cols0 = tl.arange(0, BLOCK_V)
-    inv_cap = 1.0 / softcap
+    k = -2.0 * _LOG2E / softcap          # exp2 scale of tanh's e = exp(-2|z| / cap)
+    cap2 = softcap * _LOG2E              # a capped logit in log2 units is cap2 * t
 
     if LSE_GIVEN:
         lse = tl.load(lse_in_ptr + rows, mask=live, other=0.0)
+    elif BOUNDED:
+        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+        t_max = tl.full([BLOCK_M, BLOCK_V], -2.0, tl.float32)
+        t_sum = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+        for v0 in range(0, n_cols, BLOCK_V):
+            cols = v0 + cols0
+            mask = live[:, None] & (cols < n_cols)[None, :]
+            z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            t = _capped_tanh(z, k, PTX)[0]
+            acc += tl.where(mask, tl.exp2((t - 1.0) * cap2), 0.0)
+            if HIT:
+                t_max = tl.maximum(t_max, tl.where(mask, t, -2.0))
+            if SMOOTH:
+                t_sum += tl.where(mask, t, 0.0)
+        lse = softcap + tl.log2(tl.where(live, tl.sum(acc, axis=1), 1.0)) * _LN2
+        m = softcap * tl.max(t_max, axis=1)
+        zsum = softcap * tl.sum(t_sum, axis=1)
     else:
         m = tl.full([BLOCK_M], -1.0e30, tl.float32)
         s = tl.zeros([BLOCK_M], tl.float32)
         zsum = tl.zeros([BLOCK_M], tl.float32)
         for v0 in range(0, n_cols, BLOCK_V):
             cols = v0 + cols0
-            cmask = cols < n_cols
-            mask = live[:, None] & cmask[None, :]
+            mask = live[:, None] & (cols < n_cols)[None, :]
             z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if SOFTCAP:
-                z = softcap * _tanh_and_slope(z * inv_cap)[0]
+                z = softcap * _capped_tanh(z, k, PTX)[0]
             if SMOOTH:
                 zsum += tl.sum(tl.where(mask, z, 0.0), axis=1)
             z = tl.where(mask, z, float("-inf"))
@@ -116,10 +166,12 @@ def _ce_rows_kernel(
             s = s * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2((z - m_new[:, None]) * _LOG2E), axis=1)
             m = m_new
         lse = m + tl.log2(tl.where(live, s, 1.0)) * _LN2
+
+    if not LSE_GIVEN:
         y = tl.where(live & ~invalid, tgt, 0)
         zy = tl.load(row_ptr + y, mask=live & ~invalid, other=0.0).to(tl.float32)
         if SOFTCAP:
-            zy = softcap * _tanh_and_slope(zy * inv_cap)[0]
+            zy = softcap * _capped_tanh(zy, k, PTX)[0]
         loss = lse - zy
         if SMOOTH:
             loss = (1.0 - smoothing) * loss + smoothing * (lse - zsum / n_cols)
@@ -143,24 +195,33 @@ def _ce_rows_kernel(
             c_target = c
         # d(z_loss * lse^2)/dz = 2 z_loss lse softmax(z): it only rescales the softmax term.
         c_soft = c * (1.0 + 2.0 * z_loss * lse) if ZLOSS else c
+        if SOFTCAP:  # the 4 of the slope 4 * quarter_slope, once per row
+            c_soft = 4.0 * c_soft
+            c_target = 4.0 * c_target
+            if SMOOTH:
+                c_flat = 4.0 * c_flat
+        y32 = tgt.to(tl.int32)  # a 32-bit compare per element, not a 64-bit one
+        # An ignored row has c = 0 and a finite p (its logits read as 0, its lse is 0), so its
+        # gradient comes out as exact zeros without a select.
         for v0 in range(0, n_cols, BLOCK_V):
             cols = v0 + cols0
-            cmask = cols < n_cols
-            mask = live[:, None] & cmask[None, :]
-            z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            mask = row_in[:, None] & (cols < n_cols)[None, :]
+            z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask & live[:, None], other=0.0).to(tl.float32)
+            # exp(z - lse): the difference first, in natural units, where it is exact or
+            # rounded once; scaling both terms by log2(e) first would round each, an error
+            # that grows with |lse| and cancels badly in p_y - 1 at a confident target.
             if SOFTCAP:
-                t, slope = _tanh_and_slope(z * inv_cap)
-                z = softcap * t
-            p = tl.exp2((z - lse[:, None]) * _LOG2E)
+                t, quarter_slope = _capped_tanh(z, k, PTX)
+                p = tl.exp2((softcap * t - lse[:, None]) * _LOG2E)
+            else:
+                p = tl.exp2((z - lse[:, None]) * _LOG2E)
             g = c_soft[:, None] * p
             if SMOOTH:
                 g -= c_flat[:, None]
-            g = tl.where(cols[None, :] == tgt[:, None], g - c_target[:, None], g)
+            g = tl.where(cols[None, :] == y32[:, None], g - c_target[:, None], g)
             if SOFTCAP:
-                g *= slope
-            g = tl.where(mask, g, 0.0)
-            tl.store(row_ptr[:, None] + cols[None, :], g.to(logits_ptr.dtype.element_ty),
-                     mask=row_in[:, None] & cmask[None, :])
+                g *= quarter_slope
+            tl.store(row_ptr[:, None] + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +270,7 @@ def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, hits, softca
         float(softcap) if softcap is not None else 1.0, float(label_smoothing), float(z_loss),
         SOFTCAP=softcap is not None, SMOOTH=bool(label_smoothing), ZLOSS=bool(z_loss),
         GRAD=grad, LSE_GIVEN=lse_in is not None, HIT=hits is not None,
+        BOUNDED=softcap is not None and 0.0 < softcap <= BOUNDED_SOFTCAP, PTX=logits.is_cuda,
         BLOCK_M=block_m, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
     )
 
@@ -231,7 +293,7 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
               dw_fp32_accumulate: bool | None = None, overlap: bool | None = None):
     """The linear-CE contract (``fastweight.linear_ce.chunked``): (loss, lse, hits, grads).
 
-    When the tokens do not fit one chunk, ``overlap`` (default: on CUDA) splits the budget into
+    When the tokens do not fit one chunk, ``overlap`` (default :data:`OVERLAP`) splits the budget into
     two half-size logits buffers and runs the row kernel and the gradient GEMMs of chunk i on a
     side stream while the logits GEMM of chunk i+1 runs on the current one; events order the
     reuse of each buffer. The arithmetic is the same as without streams at the same chunk size,
@@ -258,7 +320,7 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
 
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     step = chunk_rows(n, vocab, x.element_size(), budget)
-    overlap = (device.type == "cuda") if overlap is None else overlap
+    overlap = OVERLAP if overlap is None else overlap
     double_buffered = overlap and step < n
     if double_buffered:  # two buffers within the same budget
         step = chunk_rows(n, vocab, x.element_size(), budget // 2)

@@ -65,6 +65,33 @@ def test_aot_compile_one_kernel(tmp_path):
     for r in records:
         assert {"kernel", "arch", "dtype", "config", "n_regs", "n_spills", "shared_bytes", "ptxas"} <= r.keys()
         assert r["arch"] == "sm_90" and r["dtype"] == "bf16" and r["n_spills"] == 0 and r["n_regs"] > 0
+    # The SASS loop census (Triton bundles nvdisasm): one loop per sweep, and the bounded softcap
+    # sweep has no per-tile block reductions (no barriers) and fewer instructions per logit.
+    by = {r["variant"]: r for r in records}
+    assert all(len(r["loops"]) == (2 if r["variant"].startswith("fwd_bwd") else 1) for r in records)
+    bounded, running = by["forward+softcap+bounded+aligned"]["loops"][0], by["forward+softcap+aligned"]["loops"][0]
+    assert bounded["barriers"] == 0 < running["barriers"]
+    assert bounded["per_element"]["instructions"] < running["per_element"]["instructions"]
+    assert bounded["per_element"]["mufu"] == pytest.approx(3, abs=0.1)  # exp2, reciprocal, exp2
+
+
+def test_sass_loops_reads_backward_branches():
+    from benchmarks.aot_compile import sass_loops
+
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        ".L_x_0:",
+        "        /*0010*/                   MUFU.EX2 R2, R3 ;",
+        "        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;",
+        "        /*0030*/               @P0 FADD R4, R4, R2 ;",
+        "        /*0040*/              @!P1 BRA `(.L_x_0) ;",
+        "        /*0050*/                   BRA `(.L_x_1) ;",
+        ".L_x_1:",
+        "        /*0060*/                   BRA `(.L_x_1);",
+    ])
+    assert sass_loops(sass, elements_per_thread=2) == [
+        {"instructions": 4, "mufu": 1, "barriers": 1, "shuffles": 0,
+         "per_element": {"instructions": 2.0, "mufu": 0.5, "barriers": 0.5, "shuffles": 0.0}}]
 
 
 def test_specs_follow_the_kernels_launch_configs():

@@ -59,6 +59,18 @@ def test_dry_run_writes_the_schema(tmp_path):
     assert proc.stdout.rstrip("\n").splitlines()[-len(expected):] == expected
     assert [v["status"] for v in doc["verdicts"]] == [v["status"] for v in goals.verdicts(records)]
     assert len(expected) == 3 and all(line.split()[0] in ("PASS", "SHORT") for line in expected)
+    # fastweight's own schedule variants are timed (same loss) but are never its peers.
+    for case, op in (("tiny-softcap", "fwd_bwd"), ("tiny-frozen", "fwd_bwd")):
+        for variant in ("fastweight_overlap", "fastweight_2gib"):
+            assert by[(case, op, variant)]["loss"] == pytest.approx(by[(case, op, "fastweight")]["loss"], rel=1e-5)
+    assert not {v["best_peer"] for v in doc["verdicts"]} & {"fastweight_overlap", "fastweight_2gib"}
+    # Where the time goes, per (case, op), for fastweight and its two-stream variant.
+    profiles = {(p["case"], p["op"], p["impl"]): p for p in doc["profiles"]}
+    assert set(profiles) == {(c, o, i) for c, o in gemms for i in ("fastweight", "fastweight_overlap")}
+    for p in profiles.values():
+        assert "error" not in p, p
+        assert p["wall_ms"] > 0 and p["groups"]["gemm"] > 0 and p["kernel_ms"] >= p["groups"]["gemm"]
+        assert sum(p["groups"].values()) == pytest.approx(p["kernel_ms"])
 
 
 def _records(fw_ms=10.0, fw_gib=0.5, peers=(("compiled", 12.0), ("naive", 20.0)), floor_ms=9.0):
@@ -67,6 +79,13 @@ def _records(fw_ms=10.0, fw_gib=0.5, peers=(("compiled", 12.0), ("naive", 20.0))
         return {"case": "c", "op": "fwd_bwd", "impl": impl, "ms": ms, "floor_ms": floor_ms,
                 "frac_of_floor": floor_ms / ms if ms else None, "peak_mem_gib": gib}
     return [rec("fastweight", fw_ms, fw_gib)] + [rec(name, ms, 3.0) for name, ms in peers]
+
+
+def test_verdict_ignores_fastweights_own_variants():
+    """A faster variant of fastweight's schedule is not a peer it must beat."""
+    records = _records() + [dict(_records()[0], impl="fastweight_2gib", ms=5.0, peak_mem_gib=2.0)]
+    v = goals.verdict(records, "c", "fwd_bwd")
+    assert v["status"] == "PASS" and v["best_peer"] == "compiled"
 
 
 def test_verdict_pass():

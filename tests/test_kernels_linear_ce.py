@@ -5,6 +5,7 @@ before triton is imported), with fp32 and fp16 at small odd shapes; bf16 needs a
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -188,6 +189,39 @@ def test_softcap_saturates_without_nan():
     check_all(out, refs, ("loss", "dx", "dw", "db"), x)
 
 
+@pytest.mark.parametrize("softcap", [30.0, K.BOUNDED_SOFTCAP, 45.0, 500.0], ids=["cap30", "capmax", "cap45", "cap500"])
+def test_softcap_both_logsumexp_sweeps(softcap):
+    """Caps up to BOUNDED_SOFTCAP sum exp(z - cap) without a running maximum; larger ones take
+    the running-maximum sweep. Both meet the reference, hits included, on logits that reach
+    past the cap (scale 60)."""
+    assert (softcap <= K.BOUNDED_SOFTCAP) == (softcap in (30.0, K.BOUNDED_SOFTCAP))
+    x, w, b, t, c = make(dtype=torch.float32, bias=True, seed=17, scale=60.0)
+    refs = (reference(x, w, b, t, c, softcap, 0.1, torch.float64),
+            reference(x, w, b, t, c, softcap, 0.1, torch.float32))
+    out = forward_backward(x, w, b, t, c, softcap=softcap, label_smoothing=0.1, config=SMALL, chunk_tokens=16)
+    check_all(out, refs, ("loss", "dx", "dw", "db"), x)
+    _, lse, hits, _ = K.linear_ce(x, w, b, t, softcap=softcap, label_smoothing=0.1, hits=True, config=SMALL)
+    check_all((lse,), refs, ("lse",), x, valid=t >= 0)
+    z = softcap * torch.tanh((x.double() @ w.double().T + b.double()) / softcap)
+    live = t >= 0
+    expected = z[live].argmax(1) == t[live]
+    assert hits[live].tolist() == expected.tolist() and not hits[~live].any()
+
+
+def test_bounded_softcap_at_the_bottom_of_the_range():
+    """Every logit far below -cap: each exp(z - cap) term is exp(-2 cap), the smallest the
+    bounded sweep ever adds, and must not flush to zero (lse = -cap + log V exactly)."""
+    cap = K.BOUNDED_SOFTCAP
+    x = torch.ones(5, 4, device=DEVICE)
+    w = torch.full((V, 4), -1e4, device=DEVICE)
+    t = torch.arange(5, device=DEVICE)
+    loss, lse = forward(x, w, None, t, softcap=cap, config=SMALL)
+    expected = torch.full((5,), -cap + torch.log(torch.tensor(float(V))).item())
+    torch.testing.assert_close(lse.cpu(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss.cpu(), torch.full((5,), torch.log(torch.tensor(float(V))).item()), rtol=0,
+                               atol=1e-5)
+
+
 def test_all_ignored_and_empty():
     x, w, b, t, c = make(n=9, bias=True, seed=2)
     t[:] = -1
@@ -236,10 +270,16 @@ def test_sequence_forward(dtype):
         assert sequence_forward(x, w, b, t, cu[:1]).shape == (0,)
 
 
-def test_chunk_rows_plan():
-    assert K.chunk_rows(8192, 256000, 2, None) % 128 == 0
-    rows = K.chunk_rows(8192, 256000, 2, None)
-    assert rows * 256000 * 2 <= K.DEFAULT_CHUNK_BYTES
+@pytest.mark.parametrize("n,vocab", [(8192, 256000), (8192, 128256), (4096, 32000), (1000, 151936), (130, 7)])
+def test_chunk_rows_plan(n, vocab):
+    """The fewest chunks the default budget allows, each within it, in multiples of 128 rows
+    (the GEMM tiles) unless that would take one more chunk."""
+    itemsize = 2
+    rows = K.chunk_rows(n, vocab, itemsize, None)
+    max_rows = K.DEFAULT_CHUNK_BYTES // (vocab * itemsize)
+    assert rows * vocab * itemsize <= K.DEFAULT_CHUNK_BYTES
+    assert math.ceil(n / rows) == math.ceil(n / max_rows)
+    assert rows == n or rows % 128 == 0 or math.ceil(rows / 128) * 128 > max_rows
     assert K.chunk_rows(10, 100, 4, None) == 10
     assert K.chunk_rows(10, 100, 4, 3 * 100 * 4) == 3
 
