@@ -116,8 +116,11 @@ def _ce_rows_kernel(
     ``BOUNDED`` (softcap <= ``BOUNDED_SOFTCAP``): capped logits lie in [-cap, cap], so
     exp(z - cap) lies in [exp(-2 cap), 1], in fp32's normal range: the logsumexp needs no
     running maximum. Sweep 1 then keeps element-wise partial sums in registers and reduces them
-    once per row instead of twice per tile. The capped logits are carried as t = tanh(z / cap)
-    and scaled by cap * log2(e) inside the exponent's fused multiply-add."""
+    once per row instead of twice per tile. The capped logits are carried as t = tanh(z / cap):
+    exp(z - cap) = exp2((t - 1) * cap * log2(e)).
+
+    A program whose rows are all ignored (a prompt) does no arithmetic: sweep 1 does not run and
+    sweep 2 only writes zeros."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < n_rows
@@ -129,6 +132,8 @@ def _ce_rows_kernel(
     cols0 = tl.arange(0, BLOCK_V)
     k = -2.0 * _LOG2E / softcap          # exp2 scale of tanh's e = exp(-2|z| / cap)
     cap2 = softcap * _LOG2E              # a capped logit in log2 units is cap2 * t
+    any_live = tl.sum(live.to(tl.int32), axis=0) > 0
+    sweep_end = tl.where(any_live, n_cols, 0)
 
     if LSE_GIVEN:
         lse = tl.load(lse_in_ptr + rows, mask=live, other=0.0)
@@ -136,7 +141,7 @@ def _ce_rows_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
         t_max = tl.full([BLOCK_M, BLOCK_V], -2.0, tl.float32)
         t_sum = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-        for v0 in range(0, n_cols, BLOCK_V):
+        for v0 in range(0, sweep_end, BLOCK_V):
             cols = v0 + cols0
             mask = live[:, None] & (cols < n_cols)[None, :]
             z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -153,7 +158,7 @@ def _ce_rows_kernel(
         m = tl.full([BLOCK_M], -1.0e30, tl.float32)
         s = tl.zeros([BLOCK_M], tl.float32)
         zsum = tl.zeros([BLOCK_M], tl.float32)
-        for v0 in range(0, n_cols, BLOCK_V):
+        for v0 in range(0, sweep_end, BLOCK_V):
             cols = v0 + cols0
             mask = live[:, None] & (cols < n_cols)[None, :]
             z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -203,25 +208,31 @@ def _ce_rows_kernel(
         y32 = tgt.to(tl.int32)  # a 32-bit compare per element, not a 64-bit one
         # An ignored row has c = 0 and a finite p (its logits read as 0, its lse is 0), so its
         # gradient comes out as exact zeros without a select.
-        for v0 in range(0, n_cols, BLOCK_V):
-            cols = v0 + cols0
-            mask = row_in[:, None] & (cols < n_cols)[None, :]
-            z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask & live[:, None], other=0.0).to(tl.float32)
-            # exp(z - lse): the difference first, in natural units, where it is exact or
-            # rounded once; scaling both terms by log2(e) first would round each, an error
-            # that grows with |lse| and cancels badly in p_y - 1 at a confident target.
-            if SOFTCAP:
-                t, quarter_slope = _capped_tanh(z, k, PTX)
-                p = tl.exp2((softcap * t - lse[:, None]) * _LOG2E)
-            else:
-                p = tl.exp2((z - lse[:, None]) * _LOG2E)
-            g = c_soft[:, None] * p
-            if SMOOTH:
-                g -= c_flat[:, None]
-            g = tl.where(cols[None, :] == y32[:, None], g - c_target[:, None], g)
-            if SOFTCAP:
-                g *= quarter_slope
-            tl.store(row_ptr[:, None] + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=mask)
+        if any_live:
+            for v0 in range(0, n_cols, BLOCK_V):
+                cols = v0 + cols0
+                mask = row_in[:, None] & (cols < n_cols)[None, :]
+                z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask & live[:, None], other=0.0).to(tl.float32)
+                # exp(z - lse): the difference first, in natural units, where it is exact or
+                # rounded once; scaling both terms by log2(e) first would round each, an error
+                # that grows with |lse| and cancels badly in p_y - 1 at a confident target.
+                if SOFTCAP:
+                    t, quarter_slope = _capped_tanh(z, k, PTX)
+                    p = tl.exp2((softcap * t - lse[:, None]) * _LOG2E)
+                else:
+                    p = tl.exp2((z - lse[:, None]) * _LOG2E)
+                g = c_soft[:, None] * p
+                if SMOOTH:
+                    g -= c_flat[:, None]
+                g = tl.where(cols[None, :] == y32[:, None], g - c_target[:, None], g)
+                if SOFTCAP:
+                    g *= quarter_slope
+                tl.store(row_ptr[:, None] + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=mask)
+        else:
+            zeros = tl.zeros([BLOCK_M, BLOCK_V], logits_ptr.dtype.element_ty)
+            for v0 in range(0, n_cols, BLOCK_V):
+                cols = v0 + cols0
+                tl.store(row_ptr[:, None] + cols[None, :], zeros, mask=row_in[:, None] & (cols < n_cols)[None, :])
 
 
 # --------------------------------------------------------------------------------------------

@@ -222,6 +222,21 @@ def test_bounded_softcap_at_the_bottom_of_the_range():
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["nocap", "cap30"])
+def test_prompt_rows_do_no_arithmetic_and_write_zeros(softcap):
+    """Ignored rows in runs (prompts) at the default launch config (one row per program): their
+    programs skip the arithmetic, and their gradient rows, written into NaN-poisoned buffers,
+    are exact zeros; the other rows meet the reference."""
+    x, w, b, t, c = make(n=24, dtype=torch.float32, bias=True, seed=23, ignore=0.0)
+    t[:7] = -1
+    t[12:15] = -1
+    c[t < 0] = 0
+    refs = (reference(x, w, b, t, c, softcap, 0.0, torch.float64), reference(x, w, b, t, c, softcap, 0.0, torch.float32))
+    loss, _, _, (dx, dw, db) = K.linear_ce(x, w, b, t, c, softcap=softcap, chunk_bytes=10 * V * 4)
+    assert (dx[t < 0] == 0).all() and (loss[t < 0] == 0).all()
+    check_all((loss, dx, dw, db), refs, ("loss", "dx", "dw", "db"), x)
+
+
 def test_all_ignored_and_empty():
     x, w, b, t, c = make(n=9, bias=True, seed=2)
     t[:] = -1
