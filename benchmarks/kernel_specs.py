@@ -1,6 +1,6 @@
 """What the AOT compile check compiles: every Triton kernel at every launch configuration and
 constexpr variant its launcher can use, built from the kernels' public launch configurations
-(``linear_ce.ROW_CONFIGS`` / ``row_config()``, ``aggregation.CONFIG``).
+(``linear_ce.ROW_CONFIGS`` / ``row_config()``, ``linear_ce.SCALE_CONFIG``, ``aggregation.CONFIG``).
 
 Test-only code: production modules never import it. A kernel's arguments are read from its
 ``@triton.jit`` signature; each non-constexpr argument takes its type from the tables below, and
@@ -27,6 +27,7 @@ ROW_ARG_TYPES = {
     "hit_ptr": "*i64",  # the targets stand in when no hits are written; *i8 with HIT
     "n_rows": "i32", "n_cols": "i32", "softcap": "fp32", "smoothing": "fp32", "z_loss": "fp32",
 }
+SCALE_ARG_TYPES = {"t_ptr": "*{dtype}", "n": "i64", "s_ptr": "*{dtype}"}
 AGGREGATION_ARG_TYPES = {
     "valid_ptr": "*u8", "cu_ptr": "*i64", "sw_ptr": "*{dtype}", "tw_ptr": "*{dtype}", "c_ptr": "*fp32",
     "counts_ptr": "*i64", "values_ptr": "*{dtype}", "means_ptr": "*fp32", "grad_ptr": "*{dtype}",
@@ -141,5 +142,12 @@ def aggregation_kernel_specs() -> list[KernelSpec]:
     return specs
 
 
+def scale_kernel_specs() -> list[KernelSpec]:
+    """``_scale_kernel`` (the in-place scaling of precomputed gradients) at ``SCALE_CONFIG``."""
+    config = {k: v for k, v in linear_ce.SCALE_CONFIG.items() if k != "max_programs"}
+    return [make_spec(linear_ce._scale_kernel, dtype, "", config, SCALE_ARG_TYPES, {"BLOCK": config["BLOCK"]})
+            for dtype in TRITON_DTYPES.values()]
+
+
 def all_specs() -> list[KernelSpec]:
-    return row_kernel_specs() + aggregation_kernel_specs()
+    return row_kernel_specs() + scale_kernel_specs() + aggregation_kernel_specs()

@@ -208,31 +208,45 @@ def _ce_rows_kernel(
         y32 = tgt.to(tl.int32)  # a 32-bit compare per element, not a 64-bit one
         # An ignored row has c = 0 and a finite p (its logits read as 0, its lse is 0), so its
         # gradient comes out as exact zeros without a select.
-        if any_live:
-            for v0 in range(0, n_cols, BLOCK_V):
-                cols = v0 + cols0
-                mask = row_in[:, None] & (cols < n_cols)[None, :]
-                z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask & live[:, None], other=0.0).to(tl.float32)
-                # exp(z - lse): the difference first, in natural units, where it is exact or
-                # rounded once; scaling both terms by log2(e) first would round each, an error
-                # that grows with |lse| and cancels badly in p_y - 1 at a confident target.
-                if SOFTCAP:
-                    t, quarter_slope = _capped_tanh(z, k, PTX)
-                    p = tl.exp2((softcap * t - lse[:, None]) * _LOG2E)
-                else:
-                    p = tl.exp2((z - lse[:, None]) * _LOG2E)
-                g = c_soft[:, None] * p
-                if SMOOTH:
-                    g -= c_flat[:, None]
-                g = tl.where(cols[None, :] == y32[:, None], g - c_target[:, None], g)
-                if SOFTCAP:
-                    g *= quarter_slope
-                tl.store(row_ptr[:, None] + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=mask)
-        else:
-            zeros = tl.zeros([BLOCK_M, BLOCK_V], logits_ptr.dtype.element_ty)
-            for v0 in range(0, n_cols, BLOCK_V):
-                cols = v0 + cols0
-                tl.store(row_ptr[:, None] + cols[None, :], zeros, mask=row_in[:, None] & (cols < n_cols)[None, :])
+        for v0 in range(0, sweep_end, BLOCK_V):
+            cols = v0 + cols0
+            mask = row_in[:, None] & (cols < n_cols)[None, :]
+            z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask & live[:, None], other=0.0).to(tl.float32)
+            # exp(z - lse): the difference first, in natural units, where it is exact or
+            # rounded once; scaling both terms by log2(e) first would round each, an error
+            # that grows with |lse| and cancels badly in p_y - 1 at a confident target.
+            if SOFTCAP:
+                t, quarter_slope = _capped_tanh(z, k, PTX)
+                p = tl.exp2((softcap * t - lse[:, None]) * _LOG2E)
+            else:
+                p = tl.exp2((z - lse[:, None]) * _LOG2E)
+            g = c_soft[:, None] * p
+            if SMOOTH:
+                g -= c_flat[:, None]
+            g = tl.where(cols[None, :] == y32[:, None], g - c_target[:, None], g)
+            if SOFTCAP:
+                g *= quarter_slope
+            tl.store(row_ptr[:, None] + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=mask)
+        # All rows ignored: the loop above did not run; zeros instead.
+        zeros = tl.zeros([BLOCK_M, BLOCK_V], logits_ptr.dtype.element_ty)
+        for v0 in range(sweep_end, n_cols, BLOCK_V):
+            cols = v0 + cols0
+            tl.store(row_ptr[:, None] + cols[None, :], zeros, mask=row_in[:, None] & (cols < n_cols)[None, :])
+
+
+@triton.jit
+def _scale_kernel(t_ptr, n, s_ptr, BLOCK: tl.constexpr):
+    """t *= s over n elements, grid-stride; when s == 1 no program touches t."""
+    s = tl.load(s_ptr).to(tl.float32)
+    if s != 1.0:
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        offs0 = tl.arange(0, BLOCK)
+        for base in range(start, n, step):
+            offs = base + offs0
+            mask = offs < n
+            v = tl.load(t_ptr + offs, mask=mask).to(tl.float32)
+            tl.store(t_ptr + offs, (v * s).to(t_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +274,25 @@ def chunk_rows(num_tokens: int, vocab: int, itemsize: int, chunk_bytes: int | No
     rows = math.ceil(num_tokens / n_chunks)
     rounded = math.ceil(rows / 128) * 128
     return rounded if rounded <= max_rows else rows
+
+
+SCALE_CONFIG = {"BLOCK": 2048, "num_warps": 8, "max_programs": 1024}
+
+
+def scale_(t: Tensor, s: Tensor) -> Tensor:
+    """``t *= s`` in place for a 0-d tensor ``s`` (the contract's ``scale_``): the upstream
+    gradient of a mean or sum loss. A mean loss's upstream is usually exactly 1; the kernel
+    reads ``s`` on the device and then leaves ``t`` alone, so a (V, D) dW is not read and
+    rewritten for nothing, and the host never waits for the device."""
+    if not t.is_contiguous():
+        return t.mul_(s.to(t.dtype))
+    n = t.numel()
+    if n == 0:
+        return t
+    cfg = SCALE_CONFIG
+    grid = (min(triton.cdiv(n, cfg["BLOCK"]), cfg["max_programs"]),)
+    _scale_kernel[grid](t, n, s.to(t.dtype).reshape(1), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+    return t
 
 
 def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, hits, softcap, label_smoothing, z_loss,

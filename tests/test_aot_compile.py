@@ -110,11 +110,14 @@ def test_specs_follow_the_kernels_launch_configs():
             assert s.config == linear_ce.row_config(torch_dtype)
             assert s.num_warps == s.config["num_warps"]
             assert s.constexprs["BLOCK_V"] == s.config["BLOCK_V"]
+        elif s.kernel == "_scale_kernel":
+            assert s.constexprs["BLOCK"] == linear_ce.SCALE_CONFIG["BLOCK"]
+            assert s.num_warps == linear_ce.SCALE_CONFIG["num_warps"]
         else:
             assert s.config == aggregation.CONFIG and s.constexprs["BLOCK"] == aggregation.CONFIG["BLOCK"]
         assert list(s.signature) == list(s.fn.arg_names)  # every argument typed, in order
-    assert {s.kernel for s in specs} == {"_ce_rows_kernel", "_coefficients_kernel", "_segment_mean_kernel",
-                                         "_segment_mean_backward_kernel"}
+    assert {s.kernel for s in specs} == {"_ce_rows_kernel", "_scale_kernel", "_coefficients_kernel",
+                                         "_segment_mean_kernel", "_segment_mean_backward_kernel"}
 
 
 def test_a_kernel_argument_without_a_type_is_named():

@@ -75,7 +75,8 @@ def test_auto_on_cuda_prefers_the_faster_aggregation_backend(monkeypatch, extens
 
 
 def test_every_backend_implements_its_op_contract():
-    functions = {"linear_ce": {"linear_ce"}, "aggregation": {"coefficients", "segment_mean", "segment_mean_backward"}}
+    functions = {"linear_ce": {"linear_ce", "scale_"},
+                 "aggregation": {"coefficients", "segment_mean", "segment_mean_backward"}}
     for op, entries in backends.REGISTRY.items():
         for backend in entries:
             if backend.module is None:

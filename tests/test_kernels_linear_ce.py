@@ -372,3 +372,39 @@ def test_double_buffered_path_is_bit_identical_to_sequential(with_grad):
     flat = lambda out: [out[0], out[1]] + (list(out[3]) if out[3] is not None else [])  # noqa: E731
     for a, bb in zip(flat(out_overlap), flat(out_sequential)):
         assert torch.equal(a, bb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("upstream", [1.0, 2.5, -0.75, float("nan")], ids=["one", "2.5", "neg", "nan"])
+def test_scale_in_place_matches_mul(dtype, upstream, monkeypatch):
+    """scale_ rounds exactly as t.mul_(s.to(t.dtype)), across grid-stride steps (a small block
+    and two programs here); with s == 1 it leaves t as it was."""
+    monkeypatch.setitem(K.SCALE_CONFIG, "BLOCK", 16)
+    monkeypatch.setitem(K.SCALE_CONFIG, "max_programs", 2)
+    t = (torch.randn(7, 23, generator=torch.Generator().manual_seed(3)) * 3).to(DEVICE, dtype)
+    s = torch.tensor(upstream, device=DEVICE)
+    expected = t.clone().mul_(s.to(dtype))
+    out = K.scale_(t, s)
+    assert out is t
+    torch.testing.assert_close(t, expected, rtol=0, atol=0, equal_nan=True)
+    strided = torch.ones(6, 4, device=DEVICE, dtype=dtype)[:, ::2]  # not contiguous: torch's mul_
+    K.scale_(strided, s)
+    torch.testing.assert_close(strided, torch.ones(6, 2, device=DEVICE, dtype=dtype).mul_(s.to(dtype)),
+                               rtol=0, atol=0, equal_nan=True)
+    assert K.scale_(t[:0], s).shape == (0, 23)
+
+
+def test_upstream_gradient_scales_the_precomputed_gradients():
+    """A mean loss forms its gradients in the forward; backward scales them by the upstream
+    gradient in place (Triton's scale_): 3 * loss gives 3x the gradients, loss gives them as is."""
+    import fastweight as fw
+
+    x, w, b, t, c = make(dtype=torch.float32, bias=True, seed=29)
+    grads = []
+    for factor in (1.0, 3.0):
+        xs, ws, bs = (a.detach().clone().requires_grad_(True) for a in (x, w, b))
+        loss = fw.weighted_ce(xs, ws, t, bias=bs, ignore_index=-1, impl="triton")
+        (loss * factor if factor != 1.0 else loss).backward()
+        grads.append((xs.grad, ws.grad, bs.grad))
+    for one, three in zip(*grads):
+        torch.testing.assert_close(three, one * 3.0, rtol=1e-6, atol=0)

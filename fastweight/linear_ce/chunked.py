@@ -25,6 +25,11 @@ Contract of every linear-CE backend (this module, :mod:`.reference` and
   sum_t c_t * l_t in the dtypes of x, weight, bias; an entry is None where ``needs`` says it
   is not wanted (a frozen LM head computes no dW at all), and db is None without bias.
   Without ``coeff``, ``grads`` is None: forward only.
+
+and ``scale_(t, s) -> t``: ``t *= s`` in place for a 0-d tensor ``s`` (the upstream gradient of
+a mean or sum loss, applied to the gradients ``linear_ce`` already formed), rounded as
+``t.mul_(s.to(t.dtype))``. A backend may skip the pass over ``t`` when ``s == 1``, but never
+with a host synchronisation (the Triton backend tests ``s`` on the device).
 """
 from __future__ import annotations
 
@@ -32,6 +37,11 @@ import torch
 from torch import Tensor
 
 MIN_CHUNK_BYTES = 64 << 20
+
+
+def scale_(t: Tensor, s: Tensor) -> Tensor:
+    """``t *= s`` in place (see the contract above)."""
+    return t.mul_(s.to(t.dtype))
 
 
 def default_chunk_bytes(vocab: int, hidden_dim: int) -> int:

@@ -100,6 +100,7 @@ def _(x, weight, bias, targets, coeff, softcap, label_smoothing, z_loss, impl, c
 def _reduced_setup(ctx, inputs, output):
     _, lse, hit, dx, dw, db = output
     ctx.grads = (dx, dw, db)
+    ctx.impl = inputs[8]
     ctx.retain = getattr(_state, "retain", False)
     ctx.mark_non_differentiable(lse, hit, dx, dw, db)
     # The gradient outputs get no upstream gradient: don't let autograd zero-fill one per
@@ -116,12 +117,13 @@ def _reduced_backward(ctx, upstream, *_):
                            "supported; recompute the loss, or build it inside "
                            "fastweight.retain_graph_safe()")
     scale_in_place = not (ctx.retain or torch.compiler.is_compiling())
+    backend = _backend(ctx.impl, ctx.grads[0])  # dx, or an empty tensor like x
     scaled = []
     for grad, needed in zip(ctx.grads, ctx.needs_input_grad[:3]):
         if not needed:
             scaled.append(None)
         elif scale_in_place:
-            scaled.append(grad.mul_(upstream.to(grad.dtype)))
+            scaled.append(backend.scale_(grad, upstream))
         else:
             scaled.append(grad * upstream.to(grad.dtype))
     if scale_in_place:

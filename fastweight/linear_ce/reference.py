@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastweight.linear_ce.chunked import scale_  # noqa: F401 - the contract's in-place scaling
+
 
 def logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
     """The (N, V) logits, computed in the input dtype (as a naive implementation would), then
