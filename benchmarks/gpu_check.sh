@@ -38,7 +38,7 @@ tests_end=$(( $(date +%s) + 120 ))
 timeout 80 $PY -m pytest -q -m gpu -p no:cacheprovider tests
 tests_rc=$?
 timeout $(( tests_end - $(date +%s) > 10 ? tests_end - $(date +%s) : 10 )) \
-    $PY -m pytest -q -p no:cacheprovider tests/test_kernels_linear_ce.py tests/test_kernels_aggregation.py \
+    $PY -m pytest -q -p no:cacheprovider tests/kernels \
     || tests_rc=1
 
 echo "== benchmark"

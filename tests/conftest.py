@@ -280,3 +280,12 @@ class LinearCEFloors:
         """db = sum_t G_t, N terms per element: (N + 4) eps sum_t |G_t|_terms."""
         m = self.G_terms.sum(0).to(ref.device)
         return rounding_floor(ref, m, self.N + 4, self.dtype, self.dtype)
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory):
+    """A tiny saved Llama, its data and their FLOW scores, once per test module:
+    (directory, model path, data path, scores path) (``hf_fixtures.scored_run``)."""
+    from hf_fixtures import scored_run as make
+
+    return make(tmp_path_factory.mktemp("scored"))

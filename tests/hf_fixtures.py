@@ -150,3 +150,34 @@ def write_jsonl(path, rows) -> str:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return str(path)
+
+
+def scored_run(directory: Path) -> tuple[Path, str, str, str]:
+    """A tiny saved Llama, 24 rows of its data and their FLOW scores (``fastweight score``), in
+    ``directory``: (directory, model path, data path, scores path)."""
+    from fastweight.cli import main as cli
+
+    tok = make_tokenizer()
+    model = make_model("llama", vocab_size=len(tok))
+    model_path = save_pretrained(directory / "model", model, tok)
+    data_path = write_jsonl(directory / "data.jsonl", make_rows(24, hi=10))
+    scores_path = str(directory / "scores.safetensors")
+    assert cli(["score", "--model", model_path, "--data", data_path, "--out", scores_path, "--quiet",
+                "--device", "cpu"]) == 0
+    return directory, model_path, data_path, scores_path
+
+
+def train_config(run: tuple, out: str, **overrides):
+    """A short CPU TrainConfig on a ``scored_run``, writing to ``<directory>/<out>``."""
+    from fastweight.training import TrainConfig
+
+    directory, model_path, data_path, scores_path = run
+    base = dict(model=model_path, data=data_path, scores=scores_path, out=str(directory / out), lr=3e-3,
+                steps=6, batch_tokens=128, progress=False, plot=False, warmup=1)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def weighted_losses(summary: dict) -> list[float]:
+    """The weighted training losses of a training summary's history."""
+    return [r["loss_weighted"] for r in summary["history"] if "loss_weighted" in r]

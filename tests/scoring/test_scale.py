@@ -6,15 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import setup  # noqa: E402,F401  (setup: the module fixture; it scores in fp32)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared fixtures in tests/
+from hf_fixtures import train_config, weighted_losses  # noqa: E402,F401
 
 from fastweight.cli import main as cli  # noqa: E402
 from fastweight.scoring import read_scores  # noqa: E402
 
 
-def test_score_in_bf16_is_close_to_fp32(setup, tmp_path):
-    d, mp, dp, sp = setup
+def test_score_in_bf16_is_close_to_fp32(scored_run, tmp_path):
+    d, mp, dp, sp = scored_run
     out = tmp_path / "bf16.safetensors"
     assert cli(["score", "--model", mp, "--data", dp, "--out", str(out), "--quiet",
                 "--device", "cpu", "--dtype", "bf16"]) == 0
@@ -25,7 +25,7 @@ def test_score_in_bf16_is_close_to_fp32(setup, tmp_path):
     torch.testing.assert_close(bf16["loss"], fp32["loss"], rtol=3e-2, atol=0)
 
 
-def test_loader_puts_the_weights_on_the_device_without_a_device_map(setup, monkeypatch):
+def test_loader_puts_the_weights_on_the_device_without_a_device_map(scored_run, monkeypatch):
     # The "meta" device stands in for a rank's GPU: from_pretrained must run inside a
     # torch.device context of the rank's device (transformers then loads onto it). The spy
     # loads on the CPU itself, as transformers refuses to load weights onto "meta".
@@ -40,6 +40,6 @@ def test_loader_puts_the_weights_on_the_device_without_a_device_map(setup, monke
             return original(path, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
-    model, _ = runtime.load_model_and_tokenizer(setup[1], torch.device("meta"), torch.float32)
+    model, _ = runtime.load_model_and_tokenizer(scored_run[1], torch.device("meta"), torch.float32)
     assert seen["device"] == torch.device("meta") and "device_map" not in seen["kwargs"]
     assert all(p.device.type == "meta" for p in model.parameters())

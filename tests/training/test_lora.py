@@ -7,16 +7,16 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import _cfg, _losses, setup  # noqa: E402,F401  (setup: the module fixture)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared fixtures in tests/
+from hf_fixtures import train_config, weighted_losses  # noqa: E402,F401
 
 from fastweight.cli import main as cli  # noqa: E402
 from fastweight.training import train  # noqa: E402
 
 
-def _base_model(setup):
+def _base_model(scored_run):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(setup[1]).eval()
+    return AutoModelForCausalLM.from_pretrained(scored_run[1]).eval()
 
 
 def _logits(model, ids):
@@ -24,10 +24,10 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def test_lora_loss_drops_and_only_the_adapter_changes(setup):
-    s = train(_cfg(setup, "lora_drop", lora_r=4, lr=2e-2, steps=12, save_final=False))
+def test_lora_loss_drops_and_only_the_adapter_changes(scored_run):
+    s = train(train_config(scored_run, "lora_drop", lora_r=4, lr=2e-2, steps=12, save_final=False))
     assert s["eval"]["eval_target_loss"] < s["eval_before"]["eval_target_loss"] - 0.1
-    base = dict(_base_model(setup).named_parameters())
+    base = dict(_base_model(scored_run).named_parameters())
     trained = s["model"]
     adapters = changed = 0
     for name, param in trained.named_parameters():
@@ -42,11 +42,11 @@ def test_lora_loss_drops_and_only_the_adapter_changes(setup):
     assert adapters > 0 and changed == adapters // 2  # every lora_B moved away from its zero init
 
 
-def test_lora_head_gets_no_gradient(setup):
+def test_lora_head_gets_no_gradient(scored_run):
     from fastweight.hf import find_lm_head
     from fastweight.training.lora import wrap_with_lora
     from fastweight.training.objective import LossModule
-    model = wrap_with_lora(_base_model(setup).train(), _cfg(setup, "unused", lora_r=4))
+    model = wrap_with_lora(_base_model(scored_run).train(), train_config(scored_run, "unused", lora_r=4))
     ids = torch.randint(5, 60, (3, 9))
     loss, _ = LossModule(model, "token", "torch")(ids, ids.clone())
     loss.backward()
@@ -56,37 +56,37 @@ def test_lora_head_gets_no_gradient(setup):
     assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
 
 
-def test_lora_resume_equals_uninterrupted(setup):
-    full = train(_cfg(setup, "lora_full", lora_r=4, lr=1e-2, lora_dropout=0.1, save_final=False))
-    part = train(_cfg(setup, "lora_resumed", lora_r=4, lr=1e-2, lora_dropout=0.1, stop_after=3,
+def test_lora_resume_equals_uninterrupted(scored_run):
+    full = train(train_config(scored_run, "lora_full", lora_r=4, lr=1e-2, lora_dropout=0.1, save_final=False))
+    part = train(train_config(scored_run, "lora_resumed", lora_r=4, lr=1e-2, lora_dropout=0.1, stop_after=3,
                       save_final=False))
     folder = Path(part["out"]) / "checkpoints" / "step-00000003"
     assert (folder / "adapter.safetensors").exists() and not (folder / "model.safetensors").exists()
-    rest = train(_cfg(setup, "lora_resumed", lora_r=4, lr=1e-2, lora_dropout=0.1, resume=True,
+    rest = train(train_config(scored_run, "lora_resumed", lora_r=4, lr=1e-2, lora_dropout=0.1, resume=True,
                       save_final=False))
-    torch.testing.assert_close(_losses(rest), _losses(full), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weighted_losses(rest), weighted_losses(full), rtol=1e-5, atol=1e-6)
     for (n, a), (_, b) in zip(full["model"].state_dict().items(), rest["model"].state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
     with pytest.raises(ValueError, match="--lora-r"):  # a LoRA checkpoint needs a LoRA run
-        train(_cfg(setup, "lora_resumed", resume=True, save_final=False))
+        train(train_config(scored_run, "lora_resumed", resume=True, save_final=False))
 
 
-def test_lora_final_adapter_reloads_with_peft(setup):
+def test_lora_final_adapter_reloads_with_peft(scored_run):
     from peft import PeftModel
-    s = train(_cfg(setup, "lora_final", lora_r=4, lr=2e-2, steps=4))
+    s = train(train_config(scored_run, "lora_final", lora_r=4, lr=2e-2, steps=4))
     final = Path(s["final_dir"])
     assert (final / "adapter_model.safetensors").exists() and (final / "adapter_config.json").exists()
     assert not (final / "model.safetensors").exists() and not (final / "merged").exists()
     ids = torch.randint(5, 60, (2, 11))
-    reloaded = PeftModel.from_pretrained(_base_model(setup), str(final)).eval()
+    reloaded = PeftModel.from_pretrained(_base_model(scored_run), str(final)).eval()
     torch.testing.assert_close(_logits(reloaded, ids), _logits(s["model"].eval(), ids))
-    assert not torch.allclose(_logits(reloaded, ids), _logits(_base_model(setup), ids), atol=1e-4)
+    assert not torch.allclose(_logits(reloaded, ids), _logits(_base_model(scored_run), ids), atol=1e-4)
 
 
-def test_lora_cli_merge_writes_the_merged_model(setup, capsys):
+def test_lora_cli_merge_writes_the_merged_model(scored_run, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    d, mp, dp, sp = setup
+    d, mp, dp, sp = scored_run
     out = d / "lora_merge"
     assert cli(["train", "--model", mp, "--data", dp, "--scores", sp, "--out", str(out),
                 "--steps", "3", "--batch-tokens", "128", "--lr", "2e-2", "--no-progress",
@@ -96,7 +96,7 @@ def test_lora_cli_merge_writes_the_merged_model(setup, capsys):
     ids = torch.randint(5, 60, (2, 11))
     merged = AutoModelForCausalLM.from_pretrained(str(out / "final" / "merged")).eval()
     assert not any("lora" in k for k in merged.state_dict())
-    adapter = PeftModel.from_pretrained(_base_model(setup), str(out / "final")).eval()
+    adapter = PeftModel.from_pretrained(_base_model(scored_run), str(out / "final")).eval()
     assert sorted(adapter.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
     assert adapter.peft_config["default"].lora_alpha == 16
     torch.testing.assert_close(_logits(merged, ids), _logits(adapter, ids), rtol=1e-4, atol=1e-5)
@@ -109,8 +109,8 @@ def test_lora_cli_merge_writes_the_merged_model(setup, capsys):
     (["--lora-r", "4", "--fsdp"], 2, "--fsdp"),
     (["--lora-r", "4", "--lora-target-modules", "no_such_proj"], 1, "--lora-target-modules"),
 ])
-def test_lora_bad_flags_are_one_line(setup, capsys, flags, code, needle):
-    d, mp, dp, sp = setup
+def test_lora_bad_flags_are_one_line(scored_run, capsys, flags, code, needle):
+    d, mp, dp, sp = scored_run
     out = d / f"lora_bad_{code}_{len(flags)}"
     assert cli(["train", "--model", mp, "--data", dp, "--scores", sp, "--out", str(out),
                 "--steps", "1", "--no-progress", *flags]) == code
@@ -119,17 +119,17 @@ def test_lora_bad_flags_are_one_line(setup, capsys, flags, code, needle):
     assert not out.exists()
 
 
-def test_flow_trainer_with_peft(setup, tmp_path):
+def test_flow_trainer_with_peft(scored_run, tmp_path):
     pytest.importorskip("accelerate")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, TrainingArguments
     from fastweight import data as fwdata
     from fastweight.hf import FlowTrainer
-    d, mp, dp, sp = setup
+    d, mp, dp, sp = scored_run
     tok = AutoTokenizer.from_pretrained(mp)
     tokd, _ = fwdata.tokenize_rows(fwdata.load_rows(dp), tok)
     tokd = tokd.add_column("sample_weight", [0.5] * len(tokd)).remove_columns(["length", "index"])
-    model = get_peft_model(_base_model(setup), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+    model = get_peft_model(_base_model(scored_run), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                           task_type="CAUSAL_LM"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4,

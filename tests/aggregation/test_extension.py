@@ -457,7 +457,7 @@ def test_setup_py_and_the_jit_loader_build_the_same_thing():
     """setup.py takes sources, flags and key from fastweight/extension/build.py, as the loader does."""
     import importlib.util
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("fastweight_setup_under_test", root / "setup.py")
     setup_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(setup_py)  # not __main__: setup() does not run

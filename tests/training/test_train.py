@@ -9,39 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hf_fixtures import make_model, make_rows, make_tokenizer, save_pretrained, write_jsonl  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared fixtures in tests/
+from hf_fixtures import (make_model, make_rows, make_tokenizer, save_pretrained, train_config,  # noqa: E402
+                         weighted_losses, write_jsonl)
 
 from fastweight.cli import main as cli  # noqa: E402
 from fastweight.training import TrainConfig, train  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    tok = make_tokenizer()
-    model = make_model("llama", vocab_size=len(tok))
-    mp = save_pretrained(d / "model", model, tok)
-    dp = write_jsonl(d / "data.jsonl", make_rows(24, hi=10))
-    sp = str(d / "scores.safetensors")
-    assert cli(["score", "--model", mp, "--data", dp, "--out", sp, "--quiet", "--device", "cpu"]) == 0
-    return d, mp, dp, sp
-
-
-def _cfg(setup, out, **kw):
-    d, mp, dp, sp = setup
-    base = dict(model=mp, data=dp, scores=sp, out=str(d / out), lr=3e-3, steps=6,
-                batch_tokens=128, progress=False, plot=False, warmup=1)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _losses(summary):
-    return [r["loss_weighted"] for r in summary["history"] if "loss_weighted" in r]
-
-
-def test_loss_drops(setup):
-    s = train(_cfg(setup, "drop", steps=12, plot=True))
+def test_loss_drops(scored_run):
+    s = train(train_config(scored_run, "drop", steps=12, plot=True))
     assert s["eval"]["eval_target_loss"] < s["eval_before"]["eval_target_loss"] - 0.1
     out = Path(s["out"])
     assert (out / "curves.png").exists() and (out / "final" / "model.safetensors").exists()
@@ -49,18 +26,18 @@ def test_loss_drops(setup):
     assert {"loss_weighted", "loss_unweighted", "lr", "grad_norm", "clipped", "tokens_per_s"} <= set(recs[1])
 
 
-def test_resume_equals_uninterrupted(setup):
-    full = train(_cfg(setup, "full", save_final=False))
-    part = train(_cfg(setup, "resumed", stop_after=3, save_final=False))
+def test_resume_equals_uninterrupted(scored_run):
+    full = train(train_config(scored_run, "full", save_final=False))
+    part = train(train_config(scored_run, "resumed", stop_after=3, save_final=False))
     assert not part["done"]
-    rest = train(_cfg(setup, "resumed", resume=True, save_final=False))
+    rest = train(train_config(scored_run, "resumed", resume=True, save_final=False))
     assert rest["done"]
-    torch.testing.assert_close(_losses(rest), _losses(full), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weighted_losses(rest), weighted_losses(full), rtol=1e-5, atol=1e-6)
     for (n, a), (_, b) in zip(full["model"].state_dict().items(), rest["model"].state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_grad_accum_equals_big_batch(setup):
+def test_grad_accum_equals_big_batch(scored_run):
     # budget 256 with accum 1 vs budget 128 with accum 2 group rows differently; compare the
     # same micro-batches: world 1 x accum 2 must equal the sum over those micro-batches, which
     # the DDP test checks across processes. Here: accum=2 at budget 128 == one batch of the
@@ -68,7 +45,7 @@ def test_grad_accum_equals_big_batch(setup):
     from fastweight import data as fwdata
     from fastweight.hf import causal_lm_loss
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    d, mp, dp, sp = setup
+    d, mp, dp, sp = scored_run
     model = AutoModelForCausalLM.from_pretrained(mp)
     tok = AutoTokenizer.from_pretrained(mp)
     tokd, _ = fwdata.tokenize_rows(fwdata.load_rows(dp), tok)
@@ -88,20 +65,20 @@ def test_grad_accum_equals_big_batch(setup):
     for a, b in zip(g_acc, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # and through train(): same global batch split in 2 micro-batches vs 1 process of DDP test
-    s1 = train(_cfg(setup, "acc2", grad_accum=2, steps=3, save_final=False))
-    assert all(torch.isfinite(torch.tensor(_losses(s1))))
+    s1 = train(train_config(scored_run, "acc2", grad_accum=2, steps=3, save_final=False))
+    assert all(torch.isfinite(torch.tensor(weighted_losses(s1))))
 
 
-def test_flow_weights_reach_the_loss(setup, tmp_path):
+def test_flow_weights_reach_the_loss(scored_run, tmp_path):
     from fastweight.scoring import read_scores
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
-    d, mp, dp, sp = setup
-    flow = train(_cfg(setup, "w_flow", steps=2, save_final=False))
-    none = train(_cfg(setup, "w_none", weighting="none", steps=2, save_final=False))
+    d, mp, dp, sp = scored_run
+    flow = train(train_config(scored_run, "w_flow", steps=2, save_final=False))
+    none = train(train_config(scored_run, "w_none", weighting="none", steps=2, save_final=False))
     w = read_scores(sp)["weight"]
     assert not torch.allclose(w, torch.ones_like(w))
-    assert abs(_losses(flow)[0] - _losses(none)[0]) > 1e-3
+    assert abs(weighted_losses(flow)[0] - weighted_losses(none)[0]) > 1e-3
     # halving every weight halves the first loss
     with safe_open(sp, "pt") as f:
         meta = f.metadata()
@@ -109,20 +86,20 @@ def test_flow_weights_reach_the_loss(setup, tmp_path):
     t["weight"] = t["weight"] * 0.5
     half = str(tmp_path / "half.safetensors")
     save_file(t, half, metadata=meta)
-    h = train(_cfg(setup, "w_half", scores=half, steps=1, save_final=False))
-    assert _losses(h)[0] == pytest.approx(0.5 * _losses(flow)[0], rel=1e-5)
+    h = train(train_config(scored_run, "w_half", scores=half, steps=1, save_final=False))
+    assert weighted_losses(h)[0] == pytest.approx(0.5 * weighted_losses(flow)[0], rel=1e-5)
 
 
-def test_mismatched_scores_refused(setup, tmp_path):
-    d, mp, dp, sp = setup
+def test_mismatched_scores_refused(scored_run, tmp_path):
+    d, mp, dp, sp = scored_run
     other = write_jsonl(tmp_path / "other.jsonl", make_rows(24, hi=10, seed=5))
     with pytest.raises(ValueError):
-        train(_cfg(setup, "bad", data=other, steps=1))
+        train(train_config(scored_run, "bad", data=other, steps=1))
 
 
-def test_ddp_two_processes_match_single(setup):
-    d, mp, dp, sp = setup
-    single = train(_cfg(setup, "single", grad_accum=2, steps=4, save_final=False))
+def test_ddp_two_processes_match_single(scored_run):
+    d, mp, dp, sp = scored_run
+    single = train(train_config(scored_run, "single", grad_accum=2, steps=4, save_final=False))
     out = d / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastweight", "train", "--model", mp, "--data", dp, "--scores", sp, "--out", str(out),
@@ -133,16 +110,16 @@ def test_ddp_two_processes_match_single(setup):
     assert r.returncode == 0, r.stderr[-4000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     ddp = [x["loss_weighted"] for x in recs if "loss_weighted" in x]
-    torch.testing.assert_close(ddp, _losses(single), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ddp, weighted_losses(single), rtol=1e-4, atol=1e-5)
 
 
-def test_flow_trainer_smoke(setup, tmp_path):
+def test_flow_trainer_smoke(scored_run, tmp_path):
     pytest.importorskip("accelerate")
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
     from fastweight import data as fwdata
     from fastweight.hf import FlowTrainer
-    d, mp, dp, sp = setup
+    d, mp, dp, sp = scored_run
     model = AutoModelForCausalLM.from_pretrained(mp)
     tok = AutoTokenizer.from_pretrained(mp)
     tokd, _ = fwdata.tokenize_rows(fwdata.load_rows(dp), tok)
@@ -157,18 +134,18 @@ def test_flow_trainer_smoke(setup, tmp_path):
 
 # ----------------------------------------------------------------------------- issue 14
 
-def _one_batch_cfg(setup, out, **kw):
+def _one_batch_cfg(scored_run, out, **kw):
     """Every row in one micro-batch: step 1 sees the whole data set."""
-    return _cfg(setup, out, batch_tokens=100_000, steps=1, save_final=False, **kw)
+    return train_config(scored_run, out, batch_tokens=100_000, steps=1, save_final=False, **kw)
 
 
-def test_unweighted_loss_is_the_plain_token_mean_of_the_same_batch(setup):
+def test_unweighted_loss_is_the_plain_token_mean_of_the_same_batch(scored_run):
     # Before the first update the model is the pre-trained one, so step 1's unweighted loss over
     # the whole data equals the step-0 eval over the same rows (an independent code path), while
     # the weighted loss is smaller (FLOW weights are below 1 on average).
     for reduction in ("token", "mean"):
         for weighting in ("flow", "none"):
-            s = train(_one_batch_cfg(setup, f"unw_{weighting}_{reduction}", weighting=weighting,
+            s = train(_one_batch_cfg(scored_run, f"unw_{weighting}_{reduction}", weighting=weighting,
                                      sample_reduction=reduction))
             step = next(r for r in s["history"] if "loss_unweighted" in r)
             assert step["loss_unweighted"] == pytest.approx(
@@ -177,10 +154,10 @@ def test_unweighted_loss_is_the_plain_token_mean_of_the_same_batch(setup):
                 assert step["loss_weighted"] < 0.9 * step["loss_unweighted"]
 
 
-def test_summary_is_smoothed_and_labelled(setup, capsys):
+def test_summary_is_smoothed_and_labelled(scored_run, capsys):
     from fastweight.training.metrics import SMOOTHING_STEPS
-    d, mp, dp, sp = setup
-    s = train(_cfg(setup, "smooth", steps=12, save_final=False))
+    d, mp, dp, sp = scored_run
+    s = train(train_config(scored_run, "smooth", steps=12, save_final=False))
     steps = [r for r in s["history"] if "loss_weighted" in r][-SMOOTHING_STEPS:]
     assert s["train"]["smoothed_over_steps"] == SMOOTHING_STEPS
     for key in ("loss_weighted", "loss_unweighted"):
@@ -201,45 +178,45 @@ def test_summary_is_smoothed_and_labelled(setup, capsys):
     assert "final_loss" not in line and "loss" not in line
 
 
-def test_progress_bar_labels_both_losses(setup, monkeypatch, capsys):
+def test_progress_bar_labels_both_losses(scored_run, monkeypatch, capsys):
     import fastweight.training.loop as loop
     monkeypatch.setattr(loop, "show_progress", lambda requested: True)
-    train(_cfg(setup, "bar", steps=2, save_final=False))
+    train(train_config(scored_run, "bar", steps=2, save_final=False))
     err = capsys.readouterr().err
     assert re.search(r"loss weighted=\d+\.\d+", err) and re.search(r"unweighted=\d+\.\d+", err)
 
 
-def test_mean_normalised_weights_scale_the_step(setup):
+def test_mean_normalised_weights_scale_the_step(scored_run):
     from fastweight.scoring import read_scores
-    d, mp, dp, sp = setup
+    d, mp, dp, sp = scored_run
     scores = read_scores(sp)
     mean_weight = float(scores["weight"][scores["num_tokens"] > 0].mean())
     assert mean_weight < 0.9
-    plain = train(_one_batch_cfg(setup, "norm_none"))
-    normed = train(_one_batch_cfg(setup, "norm_mean", weight_normalization="mean"))
+    plain = train(_one_batch_cfg(scored_run, "norm_none"))
+    normed = train(_one_batch_cfg(scored_run, "norm_mean", weight_normalization="mean"))
     first = lambda s: next(r for r in s["history"] if "loss_weighted" in r)  # noqa: E731
     assert first(normed)["loss_weighted"] == pytest.approx(first(plain)["loss_weighted"] / mean_weight,
                                                            rel=1e-5)
     assert first(normed)["loss_unweighted"] == pytest.approx(first(plain)["loss_unweighted"], rel=1e-6)
     with pytest.raises(ValueError, match="needs --weighting flow"):
-        train(_one_batch_cfg(setup, "norm_bad", weighting="none", weight_normalization="mean"))
+        train(_one_batch_cfg(scored_run, "norm_bad", weighting="none", weight_normalization="mean"))
 
 
-def test_clipping_is_counted(setup):
-    always = train(_cfg(setup, "clip_always", steps=3, clip=1e-6, save_final=False))
-    never = train(_cfg(setup, "clip_never", steps=3, clip=0.0, save_final=False))
+def test_clipping_is_counted(scored_run):
+    always = train(train_config(scored_run, "clip_always", steps=3, clip=1e-6, save_final=False))
+    never = train(train_config(scored_run, "clip_never", steps=3, clip=0.0, save_final=False))
     assert always["train"]["clipped_steps"] == 3 and never["train"]["clipped_steps"] == 0
     for s, clip in ((always, 1e-6), (never, float("inf"))):
         for r in (r for r in s["history"] if "grad_norm" in r):
             assert r["clipped"] == (r["grad_norm"] > clip)
 
 
-def test_few_steps_warn_with_the_numbers_and_the_flags(setup, capsys):
-    train(_cfg(setup, "few", steps=None, epochs=1, batch_tokens=100_000, save_final=False))
+def test_few_steps_warn_with_the_numbers_and_the_flags(scored_run, capsys):
+    train(train_config(scored_run, "few", steps=None, epochs=1, batch_tokens=100_000, save_final=False))
     err = capsys.readouterr().err
     assert "warning: only 1 optimizer step(s): 24 rows make 1 micro-batch(es) of --batch-tokens 100000" in err
     assert "--epochs" in err and "--steps" in err and "--batch-tokens" in err
-    train(_cfg(setup, "many", steps=10, save_final=False))
+    train(train_config(scored_run, "many", steps=10, save_final=False))
     assert "warning" not in capsys.readouterr().err
 
 
@@ -262,24 +239,24 @@ def test_curves_readable_with_few_points(num_steps):
     assert len(only_evals.axes) == 1 and only_evals.axes[0].get_lines()
 
 
-def test_no_initial_eval_and_save_every_zero(setup):
-    s = train(_cfg(setup, "lean", steps=2, initial_eval=False))
+def test_no_initial_eval_and_save_every_zero(scored_run):
+    s = train(train_config(scored_run, "lean", steps=2, initial_eval=False))
     assert s["eval_before"] is None
     assert not any(r.get("step") == 0 for r in s["history"])
     out = Path(s["out"])
     assert (out / "final" / "model.safetensors").exists()
     assert not list((out / "checkpoints").glob("step-*"))  # only final/
-    stopped = train(_cfg(setup, "lean_stop", steps=4, stop_after=2))
+    stopped = train(train_config(scored_run, "lean_stop", steps=4, stop_after=2))
     assert [p.name for p in (Path(stopped["out"]) / "checkpoints").glob("step-*")] == ["step-00000002"]
     assert not (Path(stopped["out"]) / "final").exists()
 
 
-def test_flow_trainer_mean_normalization(setup, tmp_path):
+def test_flow_trainer_mean_normalization(scored_run, tmp_path):
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
     from fastweight import data as fwdata
     from fastweight.hf import FlowTrainer
-    d, mp, dp, sp = setup
+    d, mp, dp, sp = scored_run
     tok = AutoTokenizer.from_pretrained(mp)
     tokd, _ = fwdata.tokenize_rows(fwdata.load_rows(dp), tok)
     weights = [0.2 + 0.05 * i for i in range(len(tokd))]

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import _cfg, _losses, setup  # noqa: E402,F401  (setup: the module fixture)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared fixtures in tests/
+from hf_fixtures import train_config, weighted_losses  # noqa: E402,F401
 
 from fastweight.training import train  # noqa: E402
 
 STEPS = 4
 
 
-def _torchrun(setup, out: str, *flags: str, scores: bool = True) -> Path:
-    d, mp, dp, sp = setup
+def _torchrun(scored_run, out: str, *flags: str, scores: bool = True) -> Path:
+    d, mp, dp, sp = scored_run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastweight", "train", "--model", mp, "--data", dp,
            *(("--scores", sp) if scores else ()), "--out", str(d / out), "--lr", "3e-3", "--steps", str(STEPS), "--batch-tokens", "128",
@@ -44,11 +44,11 @@ def _final_params(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(setup):
+def runs(scored_run):
     """One DDP and one FSDP run of the same 4 steps, and an FSDP run stopped after 2."""
-    return {"ddp": _torchrun(setup, "ddp_ref"),
-            "fsdp": _torchrun(setup, "fsdp_full", "--fsdp"),
-            "stopped": _torchrun(setup, "fsdp_stopped", "--fsdp", "--stop-after", "2")}
+    return {"ddp": _torchrun(scored_run, "ddp_ref"),
+            "fsdp": _torchrun(scored_run, "fsdp_full", "--fsdp"),
+            "stopped": _torchrun(scored_run, "fsdp_stopped", "--fsdp", "--stop-after", "2")}
 
 
 def _assert_same_params(a: dict, b: dict, rtol=1e-5, atol=1e-6):
@@ -79,7 +79,7 @@ def test_fsdp_final_is_a_plain_hf_model(runs):
     assert (runs["fsdp"] / "final" / "tokenizer.json").exists()
 
 
-def test_fsdp_stopped_run_resumes_on_one_process(setup, runs):
+def test_fsdp_stopped_run_resumes_on_one_process(scored_run, runs):
     stopped = runs["stopped"]
     folder = stopped / "checkpoints" / "step-00000002"
     assert (folder / "sharded" / ".metadata").exists() and not (folder / "model.safetensors").exists()
@@ -88,9 +88,9 @@ def test_fsdp_stopped_run_resumes_on_one_process(setup, runs):
     assert len(sizes) == 2 and sizes[0] > 0.4 * sum(sizes), sizes
     assert not (stopped / "final").exists()
     # 1 process x grad_accum 2 sees the micro-batches that 2 processes x 1 saw: the same run.
-    rest = train(_cfg(setup, "fsdp_stopped", steps=STEPS, resume=True, grad_accum=2))
+    rest = train(train_config(scored_run, "fsdp_stopped", steps=STEPS, resume=True, grad_accum=2))
     assert rest["done"]
-    torch.testing.assert_close(_losses(rest), _metrics(runs["fsdp"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weighted_losses(rest), _metrics(runs["fsdp"]), rtol=1e-5, atol=1e-6)
     _assert_same_params(_final_params(stopped), _final_params(runs["fsdp"]))
 
 
@@ -101,9 +101,9 @@ def test_fsdp_tied_head_matches_ddp(tmp_path):
     tok = make_tokenizer()
     model = make_model("gpt2", vocab_size=len(tok))
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    setup = (tmp_path, save_pretrained(tmp_path / "gpt2", model, tok),
+    scored_run = (tmp_path, save_pretrained(tmp_path / "gpt2", model, tok),
              write_jsonl(tmp_path / "data.jsonl", make_rows(16, hi=10)), None)
-    runs = {kind: _torchrun_unweighted(setup, kind, *flags)
+    runs = {kind: _torchrun_unweighted(scored_run, kind, *flags)
             for kind, flags in (("ddp", ()), ("fsdp", ("--fsdp",)))}
     torch.testing.assert_close(_metrics(runs["fsdp"]), _metrics(runs["ddp"]), rtol=1e-5, atol=1e-6)
     fsdp, ddp = _final_params(runs["fsdp"]), _final_params(runs["ddp"])
@@ -113,18 +113,18 @@ def test_fsdp_tied_head_matches_ddp(tmp_path):
     assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
 
 
-def _torchrun_unweighted(setup, out, *flags):
-    d, mp, dp, _ = setup
+def _torchrun_unweighted(scored_run, out, *flags):
+    d, mp, dp, _ = scored_run
     return _torchrun((d, mp, dp, "unused"), out, "--weighting", "none", *flags, scores=False)
 
 
-def test_flow_trainer_loss_on_an_fsdp2_sharded_model(setup, tmp_path):
+def test_flow_trainer_loss_on_an_fsdp2_sharded_model(scored_run, tmp_path):
     # accelerate's FSDP2 shards the model in place, so FlowTrainer sees `model is base`: the
     # loss must still run through the model's call, whose pre-forward hook gathers the head.
     pytest.importorskip("accelerate")
     script = Path(__file__).parent / "fsdp_flow_trainer_script.py"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", str(script), setup[1], str(tmp_path)],
+                        "--nproc_per_node=2", str(script), scored_run[1], str(tmp_path)],
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
@@ -143,9 +143,9 @@ def test_accelerate_fsdp_config_ships_and_parses():
     assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
 
 
-def test_fsdp_refuses_to_resume_an_unsharded_checkpoint(setup):
-    d, mp, dp, sp = setup
-    stopped = train(_cfg(setup, "plain_stopped", steps=STEPS, stop_after=1))
+def test_fsdp_refuses_to_resume_an_unsharded_checkpoint(scored_run):
+    d, mp, dp, sp = scored_run
+    stopped = train(train_config(scored_run, "plain_stopped", steps=STEPS, stop_after=1))
     assert (Path(stopped["out"]) / "checkpoints" / "step-00000001" / "model.safetensors").exists()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastweight", "train", "--model", mp, "--data", dp, "--scores", sp,

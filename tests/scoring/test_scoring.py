@@ -20,7 +20,7 @@ import fastweight  # noqa: E402
 from fastweight.cli import main  # noqa: E402
 from fastweight.scoring import ScoresMismatchError, read_scores  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N_ROWS = 23
 
 
