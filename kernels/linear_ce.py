@@ -67,6 +67,8 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # The largest softcap whose logsumexp runs without a running maximum (``BOUNDED``): every term
 # exp2((t - 1) * cap * log2(e)) stays above 2^-115, inside fp32's normal (non-flushed) range.
 BOUNDED_SOFTCAP = 40.0
+# Inline PTX (``rcp.approx``) only where it compiles: NVIDIA GPUs, not ROCm's "cuda" devices.
+_NVIDIA = torch.version.hip is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +316,7 @@ def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, hits, softca
         float(softcap) if softcap is not None else 1.0, float(label_smoothing), float(z_loss),
         SOFTCAP=softcap is not None, SMOOTH=bool(label_smoothing), ZLOSS=bool(z_loss),
         GRAD=grad, LSE_GIVEN=lse_in is not None, HIT=hits is not None,
-        BOUNDED=softcap is not None and 0.0 < softcap <= BOUNDED_SOFTCAP, PTX=logits.is_cuda,
+        BOUNDED=softcap is not None and 0.0 < softcap <= BOUNDED_SOFTCAP, PTX=_NVIDIA and logits.is_cuda,
         BLOCK_M=block_m, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
     )
 
