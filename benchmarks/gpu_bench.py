@@ -10,14 +10,15 @@ of its schedule that are not peers (``fastweight_overlap``: two streams, half-si
 naive PyTorch (the library's reference), PyTorch's chunked F.linear_cross_entropy, each when
 available; a failure or an out-of-memory is a record. Then fastweight and its overlap variant
 are profiled (``benchmarks.measure.kernel_breakdown``): GEMM, row-kernel and other kernel time
-per call, and how busy the GPU was.
+per call, and how busy the GPU was. Last, ``benchmarks.sweeps``: the row kernel alone at
+several launch configs, and each head at several chunk budgets with one and two streams.
 
 The floor is the matmul work (6*N*D*V for fwd_bwd, 4*N*D*V with a frozen head, 2*N*D*V for
 score) at the best bf16 matmul rate measured in this run (a square 8192^3 GEMM and the cases'
 own GEMMs). peak_mem_gib is the CUDA high-water mark above the inputs and the gradients.
 
 Writes ``benchmarks/results/gpu-<card>-<date>.json`` ({"machine", "matmul", "records",
-"verdicts", "profiles", "total_s"}, rewritten after each case) and a PNG beside it, then prints a table and,
+"verdicts", "profiles", "sweeps", "total_s"}, rewritten after each case) and a PNG beside it, then prints a table and,
 last, one PASS/SHORT line per (case, op) against the speed goal (``benchmarks.goals``).
 
     python benchmarks/gpu_bench.py                    # on a GPU (benchmarks/gpu_check.sh runs it)
@@ -67,6 +68,28 @@ def profile_case(case, ops, impls, device) -> list[dict]:
     return out
 
 
+def run_sweeps(cases, device, dry_run: bool) -> dict:
+    """``benchmarks.sweeps`` on each head of ``cases`` (frozen-head cases share their head's
+    row kernel): row-kernel launch configs, then chunk budgets x stream schedules."""
+    from benchmarks import sweeps
+
+    heads = [c for c in cases if not c.frozen_head]
+    rows, repeats = (16, 1) if dry_run else (2048, 10)
+    configs = sweeps.ROW_SWEEP_CONFIGS[:2] if dry_run else sweeps.ROW_SWEEP_CONFIGS
+    row = []
+    for case in heads:
+        row += sweeps.row_kernel_sweep(case.V, case.softcap, device, rows=rows, dtype=case.dtype, configs=configs,
+                                       repeats=repeats, name=case.name)
+    print(sweeps.format_row_sweep(row), flush=True)
+    chunks = []
+    for case in heads:
+        # On the CPU: budgets of a few rows, so that there are several chunks.
+        budgets = (case.V * 4 * 8, case.V * 4 * 20) if dry_run else sweeps.CHUNK_SWEEP_BYTES
+        chunks += sweeps.chunk_sweep(case, device, budgets=budgets, repeats=1 if dry_run else 3)
+    print(sweeps.format_chunk_sweep(chunks), flush=True)
+    return {"row_kernel": row, "chunks": chunks}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
@@ -79,6 +102,8 @@ def main(argv=None) -> int:
                         help="skip the remaining peers (never fastweight) once this much time has passed")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     parser.add_argument("--no-profile", action="store_true", help="do not profile fastweight's kernels")
+    parser.add_argument("--no-sweeps", action="store_true",
+                        help="skip the row-kernel config and chunk-budget sweeps (benchmarks.sweeps)")
     args = parser.parse_args(argv)
 
     if args.dry_run:
@@ -131,6 +156,19 @@ def main(argv=None) -> int:
         write_results(records, device, out, merge=False,
                       extra={"matmul": {"best_tflops": best, "rates": rates}, "verdicts": judged,
                              "profiles": profiles, "total_s": round(time.perf_counter() - start, 1)})
+
+    # The sweeps come after every case is judged, and only within the time budget, so that the
+    # verdict lines are still printed, last, before gpu_check.sh's timeout.
+    over_budget = args.budget_s is not None and time.perf_counter() - start > args.budget_s
+    if over_budget and not args.no_sweeps:
+        print("gpu_bench: sweeps skipped: time budget", flush=True)
+    if not args.no_sweeps and not over_budget:
+        sweeps = run_sweeps(cases, device, args.dry_run)
+        judged = goals.verdicts(records)
+        write_results(records, device, out, merge=False,
+                      extra={"matmul": {"best_tflops": best, "rates": rates}, "verdicts": judged,
+                             "profiles": profiles, "sweeps": sweeps,
+                             "total_s": round(time.perf_counter() - start, 1)})
 
     print(f"\nwrote {out}  (floor at {best:.4g} TFLOP/s, {time.perf_counter() - start:.1f} s)")
     if not args.no_plot:

@@ -71,6 +71,16 @@ def test_dry_run_writes_the_schema(tmp_path):
         assert "error" not in p, p
         assert p["wall_ms"] > 0 and p["groups"]["gemm"] > 0 and p["kernel_ms"] >= p["groups"]["gemm"]
         assert sum(p["groups"].values()) == pytest.approx(p["kernel_ms"])
+    # The sweeps that choose the Triton defaults: the row kernel at two configs in both modes,
+    # and every chunk budget x schedule giving the same loss per op.
+    row = doc["sweeps"]["row_kernel"]
+    assert {(r["name"], r["mode"]) for r in row} == {("tiny-softcap", "forward"), ("tiny-softcap", "fwd_bwd")}
+    assert len(row) == 4 and all(r["ms"] > 0 and "error" not in r for r in row), row
+    chunks = doc["sweeps"]["chunks"]
+    assert len(chunks) == 8 and all("error" not in r for r in chunks), chunks
+    for op in ("fwd_bwd", "score"):
+        losses = [r["loss"] for r in chunks if r["op"] == op]
+        assert max(losses) - min(losses) <= 1e-5 * max(1.0, abs(losses[0])), losses
 
 
 def _records(fw_ms=10.0, fw_gib=0.5, peers=(("compiled", 12.0), ("naive", 20.0)), floor_ms=9.0):
