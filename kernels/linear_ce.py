@@ -24,11 +24,12 @@ Design (token-chunked; the (N, V) logits never exist, only a (C, V) block of the
 So forward+backward costs exactly the 6*N*D*V matmul flops in cuBLAS plus about three passes
 over each (C, V) block (read, read, write) in the row kernel; scoring costs 2*N*D*V plus one
 read. Memory beyond inputs and gradients is one (C, V) block in the input dtype, C chosen from
-``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`, 896 MiB) and rounded to a multiple of 128 rows, so
-there are only a few chunks (the (V, D) dW accumulator is touched once per chunk, not once per
-small token block). dW is accumulated in fp32 when the weight is fp32, when there is a single
-chunk (one cuBLAS GEMM, fp32 accumulation inside), or when an fp32 (V, D) buffer fits in a
-quarter of the budget; otherwise it is accumulated in the weight dtype, one rounding per chunk.
+``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`, 896 MiB) and rounded to a multiple of
+128 rows, so there are only a few chunks (the (V, D) dW accumulator is touched once per chunk,
+not once per small token block), plus, when there are several chunks and it takes at most a
+quarter of the budget, an fp32 dW accumulator (:func:`plan`): the two share the budget. With a
+single chunk dW is one cuBLAS GEMM (fp32 accumulation inside); otherwise, without the fp32
+accumulator, it is accumulated in the weight dtype, one rounding per chunk.
 
 Only the gradients asked for are computed: a frozen head (``needs[1]`` False) costs 4*N*D*V,
 with no dW buffer. Losses and lse are fp32; ``lse`` is 0 at ignored tokens (only their
@@ -278,6 +279,30 @@ def chunk_rows(num_tokens: int, vocab: int, itemsize: int, chunk_bytes: int | No
     return rounded if rounded <= max_rows else rows
 
 
+def plan(num_tokens: int, vocab: int, hidden: int, itemsize: int, weight_dtype: torch.dtype,
+         chunk_bytes: int | None, overlap: bool, need_w: bool = True,
+         dw_fp32_accumulate: bool | None = None) -> tuple[int, bool, bool]:
+    """(rows per chunk, double-buffered, dW accumulated in fp32) within ``chunk_bytes`` (default
+    :data:`DEFAULT_CHUNK_BYTES`): the logits buffers and an fp32 dW accumulator together. dW is
+    accumulated in fp32 (one rounding at the end, not one per chunk) when there are several
+    chunks and the accumulator takes at most a quarter of the budget; the logits get the rest.
+    ``overlap`` splits the logits' share into two buffers when there are several chunks."""
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    several = chunk_rows(num_tokens, vocab, itemsize, budget) < num_tokens
+    if not need_w:
+        fp32_acc = False
+    elif dw_fp32_accumulate is None:
+        fp32_acc = weight_dtype != torch.float32 and several and vocab * hidden * 4 <= budget // 4
+    else:
+        fp32_acc = dw_fp32_accumulate
+    logits_budget = budget - (vocab * hidden * 4 if fp32_acc and dw_fp32_accumulate is None else 0)
+    step = chunk_rows(num_tokens, vocab, itemsize, logits_budget)
+    double_buffered = overlap and step < num_tokens
+    if double_buffered:
+        step = chunk_rows(num_tokens, vocab, itemsize, logits_budget // 2)
+    return step, double_buffered, fp32_acc
+
+
 SCALE_CONFIG = {"BLOCK": 2048, "num_warps": 8, "max_programs": 1024}
 
 
@@ -344,7 +369,8 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
     side stream while the logits GEMM of chunk i+1 runs on the current one; events order the
     reuse of each buffer. The arithmetic is the same as without streams at the same chunk size,
     so the results are bit-identical. ``config`` overrides the row kernel's launch
-    configuration and ``dw_fp32_accumulate`` the choice of dW accumulator (tests). With a saved
+    configuration and ``dw_fp32_accumulate`` the choice of dW accumulator (tests; a forced choice
+    leaves the logits the whole budget). With a saved
     ``lse`` the row kernel skips its first sweep and the loss is None."""
     if x.dtype not in ROW_CONFIGS_DTYPES:
         raise TypeError(f"the Triton linear-CE kernels take fp16, bf16 or fp32, not {x.dtype}")
@@ -364,19 +390,14 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
     lse_out = new_buffer((n,), torch.float32, device) if lse is None else lse.to(torch.float32).contiguous()
     hit_out = new_buffer((n,), torch.int8, device) if hits and lse is None else None
 
-    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
-    step = chunk_rows(n, vocab, x.element_size(), budget)
     overlap = OVERLAP if overlap is None else overlap
-    double_buffered = overlap and step < n
-    if double_buffered:  # two buffers within the same budget
-        step = chunk_rows(n, vocab, x.element_size(), budget // 2)
+    step, double_buffered, dw_fp32_accumulate = plan(
+        n, vocab, d, x.element_size(), weight.dtype, chunk_bytes, overlap, need_w, dw_fp32_accumulate)
     n_chunks = math.ceil(n / step) if n else 0
     dx = new_buffer((n, d), x.dtype, device) if need_x else None
     dw = dw_acc = None
     if need_w:
         dw = new_buffer((vocab, d), weight.dtype, device)
-        if dw_fp32_accumulate is None:
-            dw_fp32_accumulate = weight.dtype != torch.float32 and n_chunks > 1 and vocab * d * 4 <= budget // 4
         dw_acc = torch.zeros(vocab, d, dtype=torch.float32, device=device) if dw_fp32_accumulate else dw
         if n_chunks == 0:
             dw_acc.zero_()

@@ -299,6 +299,23 @@ def test_chunk_rows_plan(n, vocab):
     assert K.chunk_rows(10, 100, 4, 3 * 100 * 4) == 3
 
 
+@pytest.mark.parametrize("n,vocab,hidden", [(8192, 256000, 2304), (65536, 32000, 1536), (16384, 32000, 512),
+                                             (4096, 32000, 512)])
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "two-streams"])
+def test_plan_keeps_logits_and_fp32_accumulator_within_the_budget(n, vocab, hidden, overlap):
+    """What the launcher allocates beyond inputs and gradients, the logits buffers and an fp32
+    dW accumulator, fits the default budget; the accumulator is used only with several chunks,
+    when it takes at most a quarter of the budget."""
+    step, double, fp32_acc = K.plan(n, vocab, hidden, 2, torch.bfloat16, None, overlap)
+    buffers = 2 if double else 1
+    used = buffers * min(step, n) * vocab * 2 + (vocab * hidden * 4 if fp32_acc else 0)
+    assert used <= K.DEFAULT_CHUNK_BYTES
+    assert fp32_acc == (step < n and vocab * hidden * 4 <= K.DEFAULT_CHUNK_BYTES // 4)
+    assert double == (overlap and step < n)
+    assert K.plan(n, vocab, hidden, 2, torch.bfloat16, None, overlap, need_w=False)[2] is False
+    assert K.plan(n, vocab, hidden, 4, torch.float32, None, overlap)[2] is False  # fp32 dW is its own accumulator
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_16bit_rule_on_the_torch_backend(dtype):
     """The bf16 GPU tests' checks (check_all and its aggregate rule) run here too: the PyTorch
