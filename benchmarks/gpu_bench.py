@@ -140,6 +140,12 @@ def main(argv=None) -> int:
     records: list[dict] = []
     profiles: list[dict] = []
     impls = args.impl or list(IMPLS)
+
+    def save(**extra) -> None:  # rewritten after each case: a cut-short run keeps what it measured
+        write_results(records, device, out, merge=False,
+                      extra={"matmul": {"best_tflops": best, "rates": rates}, "verdicts": goals.verdicts(records),
+                             "profiles": profiles, **extra, "total_s": round(time.perf_counter() - start, 1)})
+
     for case in cases:
         remaining = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
         records += run_cases(
@@ -152,10 +158,7 @@ def main(argv=None) -> int:
         if not args.no_profile:
             profiles += profile_case(case, args.op or ["fwd_bwd", "score"],
                                      [i for i in PROFILED if i in impls], device)
-        judged = goals.verdicts(records)
-        write_results(records, device, out, merge=False,
-                      extra={"matmul": {"best_tflops": best, "rates": rates}, "verdicts": judged,
-                             "profiles": profiles, "total_s": round(time.perf_counter() - start, 1)})
+        save()
 
     # The sweeps come after every case is judged, and only within the time budget, so that the
     # verdict lines are still printed, last, before gpu_check.sh's timeout.
@@ -163,12 +166,7 @@ def main(argv=None) -> int:
     if over_budget and not args.no_sweeps:
         print("gpu_bench: sweeps skipped: time budget", flush=True)
     if not args.no_sweeps and not over_budget:
-        sweeps = run_sweeps(cases, device, args.dry_run)
-        judged = goals.verdicts(records)
-        write_results(records, device, out, merge=False,
-                      extra={"matmul": {"best_tflops": best, "rates": rates}, "verdicts": judged,
-                             "profiles": profiles, "sweeps": sweeps,
-                             "total_s": round(time.perf_counter() - start, 1)})
+        save(sweeps=run_sweeps(cases, device, args.dry_run))
 
     print(f"\nwrote {out}  (floor at {best:.4g} TFLOP/s, {time.perf_counter() - start:.1f} s)")
     if not args.no_plot:
