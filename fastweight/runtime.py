@@ -84,9 +84,15 @@ class Distributed:
     def close(self) -> None:
         """Leave the process group if this process joined it."""
         if self.initialized_here:
+            import gc
+
             import torch.distributed as dist
-            # Every rank is done communicating before any tears down: a gloo rank that leaves
-            # while a peer's connection is still live can abort at exit ("terminate called").
+            # Free unreachable gloo work objects (FSDP state in reference cycles) now, while
+            # the interpreter is whole: destroyed during finalization they can abort the
+            # process (pytorch/pytorch#179291). And every rank is done communicating before
+            # any tears down: a gloo rank that leaves while a peer's connection is still live
+            # can abort at exit too ("terminate called").
+            gc.collect()
             self.barrier()
             dist.destroy_process_group()
             self.initialized_here = False

@@ -3,6 +3,7 @@ sharded in place with FSDP2, as ``accelerate launch`` with ``fsdp_version: 2`` l
 decoder layer and the root CausalLM are ``fully_shard``-ed). Prints, on rank 0, one JSON line:
 the sharded loss and the head-gradient norm, and those of the same model unsharded."""
 import json
+import os
 import sys
 
 import torch
@@ -37,9 +38,14 @@ def main(model_path: str, out: str) -> None:
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
         results["sharded" if sharded else "plain"] = [float(loss.detach()), float(grad.norm())]
     if dist.get_rank() == 0:
-        print(json.dumps(results))
+        print(json.dumps(results), flush=True)
     dist.barrier()  # no rank tears down gloo while a peer still talks (it can abort at exit)
     dist.destroy_process_group()
+    # Skip interpreter finalization: gloo work objects that FSDP's state still holds can be
+    # destroyed there, after the GIL is gone, and abort the process ("terminate called without
+    # an active exception", pytorch/pytorch#179291). The results are printed and flushed.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -101,9 +101,9 @@ def test_fsdp_tied_head_matches_ddp(tmp_path):
     tok = make_tokenizer()
     model = make_model("gpt2", vocab_size=len(tok))
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    scored_run = (tmp_path, save_pretrained(tmp_path / "gpt2", model, tok),
-             write_jsonl(tmp_path / "data.jsonl", make_rows(16, hi=10)), None)
-    runs = {kind: _torchrun_unweighted(scored_run, kind, *flags)
+    run = (tmp_path, save_pretrained(tmp_path / "gpt2", model, tok),
+           write_jsonl(tmp_path / "data.jsonl", make_rows(16, hi=10)), None)
+    runs = {kind: _torchrun_unweighted(run, kind, *flags)
             for kind, flags in (("ddp", ()), ("fsdp", ("--fsdp",)))}
     torch.testing.assert_close(_metrics(runs["fsdp"]), _metrics(runs["ddp"]), rtol=1e-5, atol=1e-6)
     fsdp, ddp = _final_params(runs["fsdp"]), _final_params(runs["ddp"])
