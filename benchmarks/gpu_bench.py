@@ -68,9 +68,10 @@ def profile_case(case, ops, impls, device) -> list[dict]:
     return out
 
 
-def run_sweeps(cases, device, dry_run: bool) -> dict:
+def run_sweeps(cases, device, dry_run: bool, deadline: float | None = None) -> dict:
     """``benchmarks.sweeps`` on each head of ``cases`` (frozen-head cases share their head's
-    row kernel): row-kernel launch configs, then chunk budgets x stream schedules."""
+    row kernel): row-kernel launch configs, then chunk budgets x stream schedules; what would
+    start after ``deadline`` (a perf_counter value) is recorded as skipped."""
     from benchmarks import sweeps
 
     heads = [c for c in cases if not c.frozen_head]
@@ -79,13 +80,13 @@ def run_sweeps(cases, device, dry_run: bool) -> dict:
     row = []
     for case in heads:
         row += sweeps.row_kernel_sweep(case.V, case.softcap, device, rows=rows, dtype=case.dtype, configs=configs,
-                                       repeats=repeats, name=case.name)
+                                       repeats=repeats, name=case.name, deadline=deadline)
     print(sweeps.format_row_sweep(row), flush=True)
     chunks = []
     for case in heads:
         # On the CPU: budgets of a few rows, so that there are several chunks.
         budgets = (case.V * 4 * 8, case.V * 4 * 20) if dry_run else sweeps.CHUNK_SWEEP_BYTES
-        chunks += sweeps.chunk_sweep(case, device, budgets=budgets, repeats=1 if dry_run else 3)
+        chunks += sweeps.chunk_sweep(case, device, budgets=budgets, repeats=1 if dry_run else 3, deadline=deadline)
     print(sweeps.format_chunk_sweep(chunks), flush=True)
     return {"row_kernel": row, "chunks": chunks}
 
@@ -166,7 +167,9 @@ def main(argv=None) -> int:
     if over_budget and not args.no_sweeps:
         print("gpu_bench: sweeps skipped: time budget", flush=True)
     if not args.no_sweeps and not over_budget:
-        save(sweeps=run_sweeps(cases, device, args.dry_run))
+        # gpu_check.sh gives the bench budget_s + 60 s: leave 20 of them for the plot and the verdicts.
+        deadline = None if args.budget_s is None else start + args.budget_s + 40
+        save(sweeps=run_sweeps(cases, device, args.dry_run, deadline))
 
     print(f"\nwrote {out}  (floor at {best:.4g} TFLOP/s, {time.perf_counter() - start:.1f} s)")
     if not args.no_plot:

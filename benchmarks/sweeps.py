@@ -6,7 +6,8 @@
 - ``chunk_sweep``: a whole case through the public API at each chunk budget, with the one- and
   the two-stream schedule. Chooses ``DEFAULT_CHUNK_BYTES`` and ``OVERLAP``.
 
-Each returns records (dicts); a failure is a record with ``error``.
+Each returns records (dicts); a failure is a record with ``error``, and so is a measurement
+skipped because ``deadline`` (a ``time.perf_counter()`` value) has passed.
 """
 from __future__ import annotations
 
@@ -52,8 +53,13 @@ def _time_launch(launch, restore, device, repeats: int) -> list[float]:
     return times
 
 
+def _late(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() > deadline
+
+
 def row_kernel_sweep(vocab: int, softcap: float | None, device, rows: int = 2048, dtype: str = "bf16",
-                     configs=ROW_SWEEP_CONFIGS, repeats: int = 10, name: str = "") -> list[dict]:
+                     configs=ROW_SWEEP_CONFIGS, repeats: int = 10, name: str = "",
+                     deadline: float | None = None) -> list[dict]:
     """Time ``_ce_rows_kernel`` on a (rows, vocab) block of logits (std 3, every row counted)
     at each config, forward and fwd_bwd."""
     from fastweight.kernels import linear_ce as K
@@ -71,6 +77,9 @@ def row_kernel_sweep(vocab: int, softcap: float | None, device, rows: int = 2048
         for config in configs:
             record = {"name": name, "vocab": vocab, "softcap": softcap, "rows": rows, "dtype": dtype, "mode": mode,
                       "config": dict(config), "default": config == K.row_config(torch_dtype)}
+            if _late(deadline):
+                records.append({**record, "error": "skipped: time budget"})
+                continue
             try:
                 def launch():
                     K._launch_rows(logits, targets, coeff if grad else None, None, loss, lse, None, softcap,
@@ -88,7 +97,7 @@ def row_kernel_sweep(vocab: int, softcap: float | None, device, rows: int = 2048
 
 
 def chunk_sweep(case: Case, device, budgets=CHUNK_SWEEP_BYTES, overlaps=(False, True),
-                ops=("fwd_bwd", "score"), repeats: int = 3) -> list[dict]:
+                ops=("fwd_bwd", "score"), repeats: int = 3, deadline: float | None = None) -> list[dict]:
     """Time ``case`` through fastweight's public API (impl="triton") at each chunk budget, with
     each stream schedule."""
     inputs = build_inputs(case, device)
@@ -98,6 +107,9 @@ def chunk_sweep(case: Case, device, budgets=CHUNK_SWEEP_BYTES, overlaps=(False, 
             for overlap in overlaps:
                 record = {"case": case.name, "op": op, "chunk_bytes": budget, "chunk_mib": budget / 2**20,
                           "overlap": overlap}
+                if _late(deadline):
+                    records.append({**record, "error": "skipped: time budget"})
+                    continue
                 try:
                     fn = fastweight_builder("triton", chunk_bytes=budget, overlap=overlap)(inputs, op, device)
                     record["loss"] = float(fn().float().sum())

@@ -160,3 +160,16 @@ def test_no_gpu_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--out", str(tmp_path / "x.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no CUDA" in proc.stderr
+
+
+def test_sweeps_past_their_deadline_are_recorded_as_skipped():
+    """gpu_check.sh's timeout must never cut the verdict lines: a sweep that would start after
+    its deadline runs nothing and says so."""
+    from benchmarks.cases import GPU_DRY_CASES
+    from benchmarks.sweeps import chunk_sweep, row_kernel_sweep
+
+    case = GPU_DRY_CASES[0]
+    rows = row_kernel_sweep(case.V, case.softcap, "cpu", rows=4, dtype="fp32", deadline=0.0)
+    chunks = chunk_sweep(case, "cpu", budgets=(1 << 20,), deadline=0.0)
+    assert len(rows) == 12 and len(chunks) == 4
+    assert all(r["error"] == "skipped: time budget" and "ms" not in r for r in rows + chunks)
