@@ -3,7 +3,7 @@
 fastweight passes a (case, op) when, in the same run:
 - it reaches at least ``MIN_FRAC_OF_FLOOR`` of the matmul floor;
 - it is faster than every peer timed (torch.compile'd naive included; fastweight's own
-  variants, ``benchmarks.peers.VARIANTS``, are not peers);
+  variants, the implementations named ``fastweight_*``, are not peers);
 - its peak memory above inputs and gradients is at most ``MAX_PEAK_GIB``.
 Otherwise it is SHORT, with the reasons. A missing figure (fastweight failed, no peer was
 timed, memory was not measured) is a reason too: a goal is never passed by default.
@@ -17,7 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.peers import VARIANTS
 from benchmarks.results import measured
 
 MIN_FRAC_OF_FLOOR = 0.85
@@ -30,7 +29,8 @@ def verdict(records: list[dict], case: str, op: str, impl: str = "fastweight") -
     (case, op) against the other implementations' records of the same (case, op)."""
     group = [r for r in records if r["case"] == case and r["op"] == op]
     mine = next((r for r in group if r["impl"] == impl), None)
-    others = [r for r in group if r["impl"] != impl and r["impl"] not in VARIANTS]
+    # The others, less the judged implementation's own variants (named "<impl>_..."): not peers.
+    others = [r for r in group if r["impl"] != impl and not r["impl"].startswith(impl + "_")]
     peers = [r for r in others if measured(r)]
     out = {"case": case, "op": op, "impl": impl, "frac_of_floor": None, "best_peer": None,
            "ratio_to_best_peer": None, "peak_mem_gib": None,

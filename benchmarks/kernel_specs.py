@@ -27,7 +27,7 @@ ROW_ARG_TYPES = {
     "hit_ptr": "*i64",  # the targets stand in when no hits are written; *i8 with HIT
     "n_rows": "i32", "n_cols": "i32", "softcap": "fp32", "smoothing": "fp32", "z_loss": "fp32",
 }
-SCALE_ARG_TYPES = {"t_ptr": "*{dtype}", "n": "i64", "s_ptr": "*{dtype}"}
+SCALE_ARG_TYPES = {"t_ptr": "*{dtype}", "n": "i64", "s_ptr": "*fp32"}
 AGGREGATION_ARG_TYPES = {
     "valid_ptr": "*u8", "cu_ptr": "*i64", "sw_ptr": "*{dtype}", "tw_ptr": "*{dtype}", "c_ptr": "*fp32",
     "counts_ptr": "*i64", "values_ptr": "*{dtype}", "means_ptr": "*fp32", "grad_ptr": "*{dtype}",

@@ -77,7 +77,8 @@ def kernel_breakdown(fn: Callable[[], object], device="cpu", calls: int = 3) -> 
     """Where the time of ``fn`` goes, per call, from ``torch.profiler`` over ``calls`` calls
     (after one unprofiled call): {"wall_ms", "kernel_ms", "busy", "groups": {group: ms},
     "top": [[name, ms], ...]}. On CUDA these are the kernels' device times, and ``busy`` =
-    kernel_ms / wall_ms is above 1 when kernels overlap (streams) and below when the GPU idles.
+    kernel_ms / wall_ms is above 1 when kernels overlap (streams) and below when the GPU idles
+    (wall_ms is taken under the profiler, so it includes the profiler's own overhead).
     On the CPU they are the ATen ops' self CPU times: a rough view only."""
     from torch.profiler import ProfilerActivity, profile
 

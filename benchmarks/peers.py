@@ -51,8 +51,6 @@ NOTES = {
 }
 # Other names for an implementation (the GPU check calls fastweight's Triton path "fastweight").
 ALIASES = {"fastweight": "fastweight_triton"}
-# fastweight's own alternative schedules, timed beside it to choose its defaults: not peers.
-VARIANTS = ("fastweight_overlap", "fastweight_2gib")
 NO_SOFTCAP = "no softcap support: timed without softcap"
 
 Runner = Callable[[], torch.Tensor]

@@ -239,8 +239,9 @@ def _ce_rows_kernel(
 
 @triton.jit
 def _scale_kernel(t_ptr, n, s_ptr, BLOCK: tl.constexpr):
-    """t *= s over n elements, grid-stride; when s == 1 no program touches t."""
-    s = tl.load(s_ptr).to(tl.float32)
+    """t *= s over n elements, grid-stride; when s == 1 no program touches t. ``s`` is rounded
+    to t's dtype first, as ``t.mul_(s.to(t.dtype))`` rounds it."""
+    s = tl.load(s_ptr).to(t_ptr.dtype.element_ty).to(tl.float32)
     if s != 1.0:
         start = tl.program_id(0).to(tl.int64) * BLOCK
         step = tl.num_programs(0).to(tl.int64) * BLOCK
@@ -295,7 +296,7 @@ def plan(num_tokens: int, vocab: int, hidden: int, itemsize: int, weight_dtype: 
         fp32_acc = weight_dtype != torch.float32 and several and vocab * hidden * 4 <= budget // 4
     else:
         fp32_acc = dw_fp32_accumulate
-    logits_budget = budget - (vocab * hidden * 4 if fp32_acc and dw_fp32_accumulate is None else 0)
+    logits_budget = budget - (vocab * hidden * 4 if fp32_acc else 0)  # at least one row, below
     step = chunk_rows(num_tokens, vocab, itemsize, logits_budget)
     double_buffered = overlap and step < num_tokens
     if double_buffered:
@@ -311,14 +312,14 @@ def scale_(t: Tensor, s: Tensor) -> Tensor:
     gradient of a mean or sum loss. A mean loss's upstream is usually exactly 1; the kernel
     reads ``s`` on the device and then leaves ``t`` alone, so a (V, D) dW is not read and
     rewritten for nothing, and the host never waits for the device."""
-    if not t.is_contiguous():
+    if not t.is_contiguous() or s.dtype != torch.float32:
         return t.mul_(s.to(t.dtype))
     n = t.numel()
     if n == 0:
         return t
     cfg = SCALE_CONFIG
     grid = (min(triton.cdiv(n, cfg["BLOCK"]), cfg["max_programs"]),)
-    _scale_kernel[grid](t, n, s.to(t.dtype).reshape(1), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+    _scale_kernel[grid](t, n, s.reshape(1), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
     return t
 
 
@@ -369,8 +370,7 @@ def linear_ce(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, c
     side stream while the logits GEMM of chunk i+1 runs on the current one; events order the
     reuse of each buffer. The arithmetic is the same as without streams at the same chunk size,
     so the results are bit-identical. ``config`` overrides the row kernel's launch
-    configuration and ``dw_fp32_accumulate`` the choice of dW accumulator (tests; a forced choice
-    leaves the logits the whole budget). With a saved
+    configuration and ``dw_fp32_accumulate`` the choice of dW accumulator (tests). With a saved
     ``lse`` the row kernel skips its first sweep and the loss is None."""
     if x.dtype not in ROW_CONFIGS_DTYPES:
         raise TypeError(f"the Triton linear-CE kernels take fp16, bf16 or fp32, not {x.dtype}")

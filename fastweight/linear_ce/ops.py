@@ -117,7 +117,7 @@ def _reduced_backward(ctx, upstream, *_):
                            "supported; recompute the loss, or build it inside "
                            "fastweight.retain_graph_safe()")
     scale_in_place = not (ctx.retain or torch.compiler.is_compiling())
-    backend = _backend(ctx.impl, ctx.grads[0])  # dx, or an empty tensor like x
+    backend = _backend(ctx.impl, ctx.grads[0]) if scale_in_place else None  # grads[0]: dx, or empty like x
     scaled = []
     for grad, needed in zip(ctx.grads, ctx.needs_input_grad[:3]):
         if not needed:
