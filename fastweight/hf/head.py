@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["LMHead", "HeadInputs", "find_lm_head", "hidden_states", "head_inputs", "causal_lm_loss",
-           "sample_losses", "model_hash", "check_head", "unwrap_peft"]
+           "sample_losses", "model_hash", "check_head", "is_peft_model", "unwrap_peft"]
 
 # Config attributes whose name looks like a logit transform but which never touch the LM-head
 # logits (attention / router internals, output flags, generation settings).
@@ -141,17 +141,19 @@ def find_lm_head(model) -> LMHead:
     return LMHead(weight=weight, bias=bias, softcap=softcap, logit_scale=scale)
 
 
+def is_peft_model(model) -> bool:
+    """True for a PEFT wrapper; duck-typed, so that fastweight.hf does not import peft."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
 def unwrap_peft(model):
     """The transformers model inside a PEFT wrapper (``PeftModel.get_base_model()``, where the
     adapter layers are injected in place), else ``model`` itself.
 
     Needed because ``PeftModel.base_model`` is PEFT's tuner (``LoraModel``), whose forward is the
     whole causal LM: running it as the "base" would return the logits, not the hidden states.
-    Detected by duck typing, so that fastweight.hf does not import peft.
     """
-    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
-        return model.get_base_model()
-    return model
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 def _base(model):

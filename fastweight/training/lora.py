@@ -17,15 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastweight.hf.head import is_peft_model  # noqa: F401 - re-exported for checkpoints
+
 __all__ = ["wrap_with_lora", "is_peft_model", "adapter_state", "load_adapter_state",
            "save_adapter", "MERGED_DIR"]
 
 MERGED_DIR = "merged"
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """True for a PEFT wrapper (duck-typed, so callers need not import peft)."""
-    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
 
 
 def _target_modules(names: list[str]):
