@@ -4,12 +4,13 @@ Cases (``benchmarks.cases.GPU_CASES``): the Gemma-2-2B head (N=8192, D=2304, V=2
 softcap 30) and the Llama-3-8B head (N=8192, D=4096, V=128256), each "fwd_bwd" (FLOW-weighted
 mean loss + backward to hidden and weight) and "score" (per-sample mean losses under no_grad);
 and the Llama head frozen (``weight.requires_grad=False``: hidden gets a gradient, the head
-none), "fwd_bwd" only. Implementations: fastweight (public API, impl="triton") and two variants
-of its schedule that are not peers (``fastweight_overlap``: two streams, half-size chunks;
-``fastweight_2gib``: 2 GiB chunks), torch.compile'd naive, Liger-Kernel, cut-cross-entropy,
+none), "fwd_bwd" only. Implementations: fastweight (public API, impl="triton") and three
+variants of it that are not peers (``fastweight_overlap``: two streams, half-size chunks;
+``fastweight_fast_tanh``: the hardware tanh, under Gemma's softcap only; ``fastweight_2gib``:
+2 GiB chunks), torch.compile'd naive, Liger-Kernel, cut-cross-entropy,
 naive PyTorch (the library's reference), PyTorch's chunked F.linear_cross_entropy, each when
-available; a failure or an out-of-memory is a record. Then fastweight and its overlap variant
-are profiled (``benchmarks.measure.kernel_breakdown``): GEMM, row-kernel and other kernel time
+available; a failure or an out-of-memory is a record. Then fastweight and its overlap and
+fast-tanh variants are profiled (``benchmarks.measure.kernel_breakdown``): GEMM, row-kernel and other kernel time
 per call, and how busy the GPU was. Last, ``benchmarks.sweeps``: the row kernel alone at
 several launch configs, and each head at several chunk budgets with one and two streams.
 
@@ -35,18 +36,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # fastweight and its own variants (never cut by the time budget), then the strongest peers
 # first, so that the budget cuts the weakest.
-IMPLS = ("fastweight", "fastweight_overlap", "fastweight_2gib", "compiled", "liger", "cce", "naive",
-         "torch_chunked")
-# Profiled per (case, op) after the timings: where their time goes.
-PROFILED = ("fastweight", "fastweight_overlap")
+IMPLS = ("fastweight", "fastweight_overlap", "fastweight_fast_tanh", "fastweight_2gib", "compiled", "liger", "cce",
+         "naive", "torch_chunked")
+# Profiled per (case, op) after the timings, where they apply: where their time goes.
+PROFILED = ("fastweight", "fastweight_overlap", "fastweight_fast_tanh")
 
 
 def profile_case(case, ops, impls, device) -> list[dict]:
-    """``kernel_breakdown`` of each impl on each op of ``case`` (a failure is a record too),
-    each printed as one line."""
+    """``kernel_breakdown`` of each impl on each op of ``case`` (a failure is a record too; an
+    impl that does not apply to the case is left out), each printed as one line."""
     from benchmarks.cases import build_inputs
     from benchmarks.measure import kernel_breakdown, release_memory
-    from benchmarks.peers import build
+    from benchmarks.peers import Unavailable, build
 
     inputs = build_inputs(case, device)
     out = []
@@ -54,7 +55,11 @@ def profile_case(case, ops, impls, device) -> list[dict]:
         for impl in impls:
             record = {"case": case.name, "op": op, "impl": impl}
             try:
-                record.update(kernel_breakdown(build(impl, inputs, op, device), device))
+                run = build(impl, inputs, op, device)
+            except Unavailable:  # a variant that does not apply here (its timing record says why)
+                continue
+            try:
+                record.update(kernel_breakdown(run, device))
                 groups = ", ".join(f"{k} {v:.2f}" for k, v in record["groups"].items())
                 print(f"profile {case.name} {op} {impl}: {groups} ms; kernels {record['kernel_ms']:.2f} ms "
                       f"in {record['wall_ms']:.2f} ms wall (busy {record['busy']:.2f})", flush=True)

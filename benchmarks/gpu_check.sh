@@ -5,8 +5,8 @@
 # 2. installs this checkout (editable, no deps, no C++ extension build),
 # 3. runs the `gpu`-marked tests and the Triton kernel tests on this card,
 # 4. runs benchmarks/gpu_bench.py: bf16 matmul rate; fwd+bwd and scoring for the Gemma-2-2B and
-#    Llama-3-8B heads and fwd+bwd for the frozen Llama head, against every peer, beside two
-#    variants of fastweight's schedule (two streams; 2 GiB chunks), then a torch.profiler
+#    Llama-3-8B heads and fwd+bwd for the frozen Llama head, against every peer, beside three
+#    variants of fastweight (two streams; the hardware tanh; 2 GiB chunks), then a torch.profiler
 #    breakdown of fastweight's kernels per case; JSON and PNG to
 #    benchmarks/results/gpu-<card>-<date>.*,
 # 5. prints, LAST, one line per (case, op): PASS or SHORT against the speed goal (>= 85% of the

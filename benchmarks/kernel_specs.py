@@ -39,12 +39,13 @@ ROW_MODES = {"forward": (False, False), "fwd_bwd": (True, False), "backward": (T
 # combination, z-loss alone and with them, and (where a forward sweep runs, so that hits can
 # be written) the hit flag alone and with everything on: the variant with the most live values.
 # A softcap up to linear_ce.BOUNDED_SOFTCAP (Gemma's 30) runs the BOUNDED sweep, a larger one
-# the running-maximum sweep: both are compiled.
-ROW_FEATURES = ((), ("SOFTCAP",), ("SOFTCAP", "BOUNDED"), ("SMOOTH",), ("SOFTCAP", "SMOOTH"),
-                ("SOFTCAP", "SMOOTH", "BOUNDED"), ("ZLOSS",), ("SOFTCAP", "SMOOTH", "ZLOSS"),
-                ("SOFTCAP", "SMOOTH", "ZLOSS", "BOUNDED"))
-ROW_FORWARD_FEATURES = (("HIT",), ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT"), ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT", "BOUNDED"))
-ROW_FLAGS = ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT", "BOUNDED")
+# the running-maximum sweep: both are compiled, and the bounded one with the fast tanh too.
+ROW_FEATURES = ((), ("SOFTCAP",), ("SOFTCAP", "BOUNDED"), ("SOFTCAP", "BOUNDED", "FAST_TANH"), ("SMOOTH",),
+                ("SOFTCAP", "SMOOTH"), ("SOFTCAP", "SMOOTH", "BOUNDED"), ("ZLOSS",), ("SOFTCAP", "SMOOTH", "ZLOSS"),
+                ("SOFTCAP", "SMOOTH", "ZLOSS", "BOUNDED"), ("SOFTCAP", "SMOOTH", "ZLOSS", "BOUNDED", "FAST_TANH"))
+ROW_FORWARD_FEATURES = (("HIT",), ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT"), ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT", "BOUNDED"),
+                        ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT", "BOUNDED", "FAST_TANH"))
+ROW_FLAGS = ("SOFTCAP", "SMOOTH", "ZLOSS", "HIT", "BOUNDED", "FAST_TANH")
 
 
 class KernelSpecError(LookupError):

@@ -42,6 +42,8 @@ NOTES = {
                          "tokens; score: fastweight.sequence_losses(impl='triton') under no_grad",
     "fastweight_overlap": "fastweight (impl='triton') with the two-stream schedule "
                           "(fastweight.kernels.linear_ce.OVERLAP=True): two half-budget logits buffers",
+    "fastweight_fast_tanh": "fastweight (impl='triton') with the row kernel's hardware tanh.approx "
+                            "(fastweight.kernels.linear_ce.FAST_TANH=True; bf16, softcap <= 40 only)",
     "fastweight_2gib": "fastweight (impl='triton') with chunk_bytes=2 GiB: fewer, larger chunks, over "
                        "the 1 GiB memory goal",
     "liger": "Liger-Kernel LigerFusedLinearCrossEntropyLoss; no per-sample weights: "
@@ -155,33 +157,34 @@ def _build_torch_chunked(inp: Inputs, op: str, device) -> Runner:
 
 
 @contextlib.contextmanager
-def _overlap(overlap: bool | None) -> Iterator[None]:
-    """Within this context the Triton launcher's default schedule is ``overlap`` (None: as is)."""
-    if overlap is None:
-        yield
-        return
+def kernel_defaults(settings: dict) -> Iterator[None]:
+    """Within this context the Triton launcher's module defaults named in ``settings``
+    (``OVERLAP``, ``FAST_TANH``) take its values; an unknown name raises AttributeError."""
     from fastweight.kernels import linear_ce as kernel
-    previous, kernel.OVERLAP = kernel.OVERLAP, overlap
+    previous = {name: getattr(kernel, name) for name in settings}
     try:
+        for name, value in settings.items():
+            setattr(kernel, name, value)
         yield
     finally:
-        kernel.OVERLAP = previous
+        for name, value in previous.items():
+            setattr(kernel, name, value)
 
 
-def _scheduled(run: Runner, overlap: bool) -> Runner:
-    """``run`` with the Triton launcher's default schedule set to ``overlap`` for the call."""
-    def scheduled() -> torch.Tensor:
-        with _overlap(overlap):
+def _with_defaults(run: Runner, settings: dict) -> Runner:
+    """``run`` under ``kernel_defaults(settings)`` for each call."""
+    def wrapped() -> torch.Tensor:
+        with kernel_defaults(settings):
             return run()
     for name in ("grads", "leaves", "note"):
         if hasattr(run, name):
-            setattr(scheduled, name, getattr(run, name))
-    return scheduled
+            setattr(wrapped, name, getattr(run, name))
+    return wrapped
 
 
-def fastweight_builder(impl: str, chunk_bytes: int | None = None, overlap: bool | None = None):
+def fastweight_builder(impl: str, chunk_bytes: int | None = None, defaults: dict | None = None):
     """fastweight through its public API with ``impl`` (and an optional chunk budget; for
-    impl="triton", an optional stream schedule)."""
+    impl="triton", optional launcher defaults, see ``kernel_defaults``)."""
     def build(inp: Inputs, op: str, device) -> Runner:
         if op == "fwd_bwd":
             run = _fwd_bwd(lambda h, w: fastweight.weighted_ce(
@@ -190,8 +193,16 @@ def fastweight_builder(impl: str, chunk_bytes: int | None = None, overlap: bool 
         else:
             run = _score(lambda h, w: fastweight.sequence_losses(
                 h, w, inp.labels, impl=impl, softcap=inp.softcap, chunk_bytes=chunk_bytes), inp)
-        return run if overlap is None else _scheduled(run, overlap)
+        return _with_defaults(run, defaults) if defaults else run
     return build
+
+
+def _build_fast_tanh(inp: Inputs, op: str, device) -> Runner:
+    """fastweight (impl="triton") with the row kernel's fast tanh, where it applies."""
+    from fastweight.kernels import linear_ce as kernel
+    if inp.hidden.dtype != torch.bfloat16 or inp.softcap is None or not 0 < inp.softcap <= kernel.BOUNDED_SOFTCAP:
+        raise Unavailable(f"the fast tanh applies to bf16 logits under a softcap <= {kernel.BOUNDED_SOFTCAP:g}")
+    return fastweight_builder("triton", defaults={"FAST_TANH": True})(inp, op, device)
 
 
 def _import_gpu_peer(module: str, device):
@@ -238,7 +249,8 @@ IMPLEMENTATIONS: dict[str, Callable[[Inputs, str, object], Runner]] = {
     "torch_chunked": _build_torch_chunked,
     "fastweight_torch": fastweight_builder("torch"),
     "fastweight_triton": fastweight_builder("triton"),
-    "fastweight_overlap": fastweight_builder("triton", overlap=True),
+    "fastweight_overlap": fastweight_builder("triton", defaults={"OVERLAP": True}),
+    "fastweight_fast_tanh": _build_fast_tanh,
     "fastweight_2gib": fastweight_builder("triton", chunk_bytes=2 << 30),
     "liger": _build_liger,
     "cce": _build_cce,

@@ -2,7 +2,8 @@
 
 - ``row_kernel_sweep``: the row kernel alone on one (rows, V) logits block, at each launch
   configuration of ``ROW_SWEEP_CONFIGS``, forward (one read of the block) and fwd_bwd (read, read,
-  write), in ms and in TB/s of those passes. Chooses ``kernels/linear_ce.py``'s ``ROW_CONFIGS``.
+  write), in ms and in TB/s of those passes. Chooses ``kernels/linear_ce.py``'s ``ROW_CONFIGS``
+  and ``FAST_TANH``.
 - ``chunk_sweep``: a whole case through the public API at each chunk budget, with the one- and
   the two-stream schedule. Chooses ``DEFAULT_CHUNK_BYTES`` and ``OVERLAP``.
 
@@ -20,7 +21,8 @@ from benchmarks.cases import DTYPES, Case, build_inputs
 from benchmarks.measure import release_memory, synchronize, time_fn
 from benchmarks.peers import fastweight_builder
 
-# The default first; then the neighbours the H200 baseline sweep found close.
+# The default first; then the neighbours the H200 baseline sweep found close; then, under a
+# bounded softcap only (elsewhere they would repeat the exact ones), the fast tanh.
 ROW_SWEEP_CONFIGS = (
     {"BLOCK_M": 1, "BLOCK_V": 4096, "num_warps": 8},
     {"BLOCK_M": 1, "BLOCK_V": 4096, "num_warps": 16},
@@ -28,6 +30,8 @@ ROW_SWEEP_CONFIGS = (
     {"BLOCK_M": 1, "BLOCK_V": 8192, "num_warps": 8},
     {"BLOCK_M": 1, "BLOCK_V": 2048, "num_warps": 4},
     {"BLOCK_M": 2, "BLOCK_V": 4096, "num_warps": 8},
+    {"BLOCK_M": 1, "BLOCK_V": 4096, "num_warps": 8, "FAST_TANH": True},
+    {"BLOCK_M": 1, "BLOCK_V": 4096, "num_warps": 16, "FAST_TANH": True},
 )
 CHUNK_SWEEP_BYTES = (512 << 20, 896 << 20, 2048 << 20)
 
@@ -53,6 +57,12 @@ def _time_launch(launch, restore, device, repeats: int) -> list[float]:
     return times
 
 
+def _settings(config: dict, dtype: torch.dtype) -> dict:
+    """What the row kernel's launcher runs with ``config`` for logits of ``dtype``."""
+    from fastweight.kernels import linear_ce as K
+    return {**K.row_config(dtype), "FAST_TANH": K.FAST_TANH and dtype == torch.bfloat16, **config}
+
+
 def _late(deadline: float | None) -> bool:
     return deadline is not None and time.perf_counter() > deadline
 
@@ -72,11 +82,13 @@ def row_kernel_sweep(vocab: int, softcap: float | None, device, rows: int = 2048
     coeff = torch.full((rows,), 1.0 / rows, device=device)
     loss, lse = (torch.empty(rows, device=device) for _ in range(2))
     block_bytes = rows * vocab * source.element_size()
+    bounded = softcap is not None and 0 < softcap <= K.BOUNDED_SOFTCAP
+    configs = [c for c in configs if bounded or not c.get("FAST_TANH")]
     records = []
     for mode, grad, passes in (("forward", False, 1), ("fwd_bwd", True, 3)):
         for config in configs:
             record = {"name": name, "vocab": vocab, "softcap": softcap, "rows": rows, "dtype": dtype, "mode": mode,
-                      "config": dict(config), "default": config == K.row_config(torch_dtype)}
+                      "config": dict(config), "default": _settings(config, torch_dtype) == _settings({}, torch_dtype)}
             if _late(deadline):
                 records.append({**record, "error": "skipped: time budget"})
                 continue
@@ -111,7 +123,7 @@ def chunk_sweep(case: Case, device, budgets=CHUNK_SWEEP_BYTES, overlaps=(False, 
                     records.append({**record, "error": "skipped: time budget"})
                     continue
                 try:
-                    fn = fastweight_builder("triton", chunk_bytes=budget, overlap=overlap)(inputs, op, device)
+                    fn = fastweight_builder("triton", chunk_bytes=budget, defaults={"OVERLAP": overlap})(inputs, op, device)
                     record["loss"] = float(fn().float().sum())
                     times = time_fn(fn, device, warmup=1, repeats=repeats)
                     record.update(ms=statistics.median(times), times_ms=times)
@@ -128,7 +140,8 @@ def format_row_sweep(records: list[dict]) -> str:
     lines = []
     for r in records:
         cfg = r["config"]
-        label = f"M{cfg['BLOCK_M']} V{cfg['BLOCK_V']} w{cfg['num_warps']}" + (" (default)" if r["default"] else "")
+        label = (f"M{cfg['BLOCK_M']} V{cfg['BLOCK_V']} w{cfg['num_warps']}" + (" tanh.approx" if cfg.get("FAST_TANH") else "")
+                 + (" (default)" if r["default"] else ""))
         figure = f"{r['ms']:.3f} ms, {r['tbps']:.2f} TB/s" if "ms" in r else r["error"][:80]
         lines.append(f"row sweep {r['name'] or r['vocab']} {r['mode']:7} {label:22} {figure}")
     return "\n".join(lines)

@@ -10,13 +10,15 @@ Design (token-chunked; the (N, V) logits never exist, only a (C, V) block of the
 2. ``_ce_rows_kernel`` (Triton), one program per BLOCK_M rows, two sweeps over the vocabulary:
    sweep 1 reads the block once for the online logsumexp (softcap, label smoothing,
    target logit) and writes loss/lse per token (NaN loss for an invalid label, whose target
-   logit is never read); sweep 2 (gradient only) re-reads the block and
+   logit is never read); sweep 2 (gradient only) re-reads the block, backwards so that the
+   tiles read last come first, possibly from L2, and
    overwrites it *in place* with d(sum_t c_t l_t)/d(raw logits), in the input dtype. With a
    saved ``lse`` (``backward``) sweep 1 is skipped. Ignored rows are never read; their
    gradient rows are written as zeros. A softcap makes the kernel bound by instruction issue
    and the special-function unit rather than by memory, so its path is lean: tanh from one
    exp2 and one reciprocal (``rcp.approx`` on CUDA), and for caps up to
-   :data:`BOUNDED_SOFTCAP` a logsumexp with no running maximum and no per-tile reductions
+   :data:`BOUNDED_SOFTCAP` a logsumexp with no running maximum and no per-tile reductions,
+   and, opt-in for bf16 (:data:`FAST_TANH`), the hardware's ``tanh.approx``
    (``python -m benchmarks.aot_compile`` reports the instructions per logit of each variant).
 3. ``dx_c = G @ W`` and ``dW += G^T @ x_c`` by cuBLAS (``addmm_``, beta=1); ``db`` is a
    column sum of G in fp32.
@@ -27,9 +29,10 @@ read. Memory beyond inputs and gradients is one (C, V) block in the input dtype,
 ``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`, 896 MiB) and rounded to a multiple of
 128 rows, so there are only a few chunks (the (V, D) dW accumulator is touched once per chunk,
 not once per small token block), plus, when there are several chunks and it takes at most a
-quarter of the budget, an fp32 dW accumulator (:func:`plan`): the two share the budget. With a
-single chunk dW is one cuBLAS GEMM (fp32 accumulation inside); otherwise, without the fp32
-accumulator, it is accumulated in the weight dtype, one rounding per chunk.
+quarter of the budget, an fp32 dW accumulator and each chunk's product before it is added
+(:func:`plan`): they share the budget. With a single chunk dW is one cuBLAS GEMM (fp32
+accumulation inside); otherwise, without the fp32 accumulator, it is accumulated in the weight
+dtype, the running sum rounded once per chunk.
 
 Only the gradients asked for are computed: a frozen head (``needs[1]`` False) costs 4*N*D*V,
 with no dW buffer. Losses and lse are fp32; ``lse`` is 0 at ignored tokens (only their
@@ -68,8 +71,18 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # The largest softcap whose logsumexp runs without a running maximum (``BOUNDED``): every term
 # exp2((t - 1) * cap * log2(e)) stays above 2^-115, inside fp32's normal (non-flushed) range.
 BOUNDED_SOFTCAP = 40.0
-# Inline PTX (``rcp.approx``) only where it compiles: NVIDIA GPUs, not ROCm's "cuda" devices.
+# Inline PTX (``rcp.approx``, ``tanh.approx``) only where it compiles: NVIDIA GPUs, not ROCm's
+# "cuda" devices.
 _NVIDIA = torch.version.hip is None
+# The default of the row kernel's fast tanh (``config["FAST_TANH"]`` overrides it): under a
+# softcap up to BOUNDED_SOFTCAP, bf16 logits only, the capped logits come from the hardware's
+# ``tanh.approx.f32``, one special-function operation instead of two. Its relative error,
+# FAST_TANH_ERROR (PTX ISA: 2^-10.987), is a quarter of bf16's rounding of the logits it reads
+# (2^-9); fp16 (2^-11) and fp32 logits keep the exact tanh. Off until a GPU run shows it faster
+# (benchmarks/gpu_bench.py times it as "fastweight_fast_tanh").
+FAST_TANH = False
+FAST_TANH_ERROR = 2.0 ** -10.987
+_FAST_TANH_ERROR = tl.constexpr(FAST_TANH_ERROR)
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,16 +100,42 @@ def _reciprocal(x, PTX: tl.constexpr):
 
 
 @triton.jit
-def _capped_tanh(z, k, PTX: tl.constexpr):
-    """(tanh(z / cap), (1 - tanh(z / cap)^2) / 4) for ``k = -2 log2(e) / cap``, from
-    e = exp(-2|z| / cap) in (0, 1]: no overflow, no NaN, and the quarter slope e / (1 + e)^2
-    keeps full relative precision where tanh saturates (no 1 - t*t cancellation). Two MUFU
-    operations (exp2, reciprocal) per element; portable when ``PTX`` is off (the interpreter).
-    The slope comes as a quarter so that callers fold the 4 into a per-row factor."""
-    e = tl.exp2(tl.abs(z) * k)
-    r = _reciprocal(1.0 + e, PTX)
-    t = r - e * r
-    return tl.where(z < 0, -t, t), e * r * r
+def _tanh_approx(u, PTX: tl.constexpr):
+    """tanh(u) in one special-function operation, ``tanh.approx.f32`` (CUDA), whose relative
+    error is up to :data:`FAST_TANH_ERROR`. Off CUDA (the interpreter) it is the exact tanh
+    shrunk by that worst case, so that tests without a GPU exercise the fast path's error budget."""
+    if PTX:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        e = tl.exp2(tl.abs(u) * (-2.0 * _LOG2E))
+        t = (1.0 - e) / (1.0 + e) * (1.0 - _FAST_TANH_ERROR)
+        return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _capped_tanh(z, k, inv_cap, PTX: tl.constexpr, FAST: tl.constexpr):
+    """(tanh(z / cap), (1 - tanh(z / cap)^2) / 4) for ``k = -2 log2(e) / cap``,
+    ``inv_cap = 1 / cap``, from e = exp(-2|z| / cap) in (0, 1]: no overflow, no NaN, and the
+    quarter slope e / (1 + e)^2 keeps full relative precision where tanh saturates (no
+    1 - t*t cancellation). The slope comes as a quarter so that callers fold the 4 into a
+    per-row factor; a caller that uses only t does not compute the slope (dead code).
+
+    Exact (``FAST`` off): t and the slope from e and r = 1 / (1 + e), two special-function
+    operations (exp2, and ``rcp.approx`` when ``PTX``). ``FAST``: t by :func:`_tanh_approx`, one
+    operation; the slope, when used, from e and 1 / (1 + e) = (1 + |t|) / 2, which needs no
+    reciprocal and keeps the slope's relative error near t's (in [1, 2], 1 + |t| does not
+    cancel)."""
+    if FAST:
+        t = _tanh_approx(z * inv_cap, PTX)
+        e = tl.exp2(tl.abs(z) * k)
+        h = 0.5 + 0.5 * tl.abs(t)
+        return t, e * h * h
+    else:
+        e = tl.exp2(tl.abs(z) * k)
+        r = _reciprocal(1.0 + e, PTX)
+        t = r - e * r
+        return tl.where(z < 0, -t, t), e * r * r
 
 
 @triton.jit
@@ -108,7 +147,7 @@ def _ce_rows_kernel(
     softcap, smoothing, z_loss,
     SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
     GRAD: tl.constexpr, LSE_GIVEN: tl.constexpr, HIT: tl.constexpr,
-    BOUNDED: tl.constexpr, PTX: tl.constexpr,
+    BOUNDED: tl.constexpr, PTX: tl.constexpr, FAST_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Per-row CE over a (n_rows, n_cols) logits block; optionally its gradient, in place.
@@ -134,6 +173,7 @@ def _ce_rows_kernel(
     row_ptr = logits_ptr + rows.to(tl.int64) * stride_row
     cols0 = tl.arange(0, BLOCK_V)
     k = -2.0 * _LOG2E / softcap          # exp2 scale of tanh's e = exp(-2|z| / cap)
+    inv_cap = 1.0 / softcap
     cap2 = softcap * _LOG2E              # a capped logit in log2 units is cap2 * t
     any_live = tl.sum(live.to(tl.int32), axis=0) > 0
     sweep_end = tl.where(any_live, n_cols, 0)
@@ -148,7 +188,7 @@ def _ce_rows_kernel(
             cols = v0 + cols0
             mask = live[:, None] & (cols < n_cols)[None, :]
             z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            t = _capped_tanh(z, k, PTX)[0]
+            t = _capped_tanh(z, k, inv_cap, PTX, FAST_TANH)[0]
             acc += tl.where(mask, tl.exp2((t - 1.0) * cap2), 0.0)
             if HIT:
                 t_max = tl.maximum(t_max, tl.where(mask, t, -2.0))
@@ -166,7 +206,7 @@ def _ce_rows_kernel(
             mask = live[:, None] & (cols < n_cols)[None, :]
             z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if SOFTCAP:
-                z = softcap * _capped_tanh(z, k, PTX)[0]
+                z = softcap * _capped_tanh(z, k, inv_cap, PTX, FAST_TANH)[0]
             if SMOOTH:
                 zsum += tl.sum(tl.where(mask, z, 0.0), axis=1)
             z = tl.where(mask, z, float("-inf"))
@@ -179,7 +219,7 @@ def _ce_rows_kernel(
         y = tl.where(live & ~invalid, tgt, 0)
         zy = tl.load(row_ptr + y, mask=live & ~invalid, other=0.0).to(tl.float32)
         if SOFTCAP:
-            zy = softcap * _capped_tanh(zy, k, PTX)[0]
+            zy = softcap * _capped_tanh(zy, k, inv_cap, PTX, FAST_TANH)[0]
         loss = lse - zy
         if SMOOTH:
             loss = (1.0 - smoothing) * loss + smoothing * (lse - zsum / n_cols)
@@ -211,15 +251,18 @@ def _ce_rows_kernel(
         y32 = tgt.to(tl.int32)  # a 32-bit compare per element, not a 64-bit one
         # An ignored row has c = 0 and a finite p (its logits read as 0, its lse is 0), so its
         # gradient comes out as exact zeros without a select.
+        # Backwards over the row: the tiles sweep 1 read last are re-read first, while they may
+        # still be in L2. Each element's gradient is independent of the order (bit-identical).
+        last = (tl.cdiv(sweep_end, BLOCK_V) - 1) * BLOCK_V
         for v0 in range(0, sweep_end, BLOCK_V):
-            cols = v0 + cols0
+            cols = (last - v0) + cols0
             mask = row_in[:, None] & (cols < n_cols)[None, :]
             z = tl.load(row_ptr[:, None] + cols[None, :], mask=mask & live[:, None], other=0.0).to(tl.float32)
             # exp(z - lse): the difference first, in natural units, where it is exact or
             # rounded once; scaling both terms by log2(e) first would round each, an error
             # that grows with |lse| and cancels badly in p_y - 1 at a confident target.
             if SOFTCAP:
-                t, quarter_slope = _capped_tanh(z, k, PTX)
+                t, quarter_slope = _capped_tanh(z, k, inv_cap, PTX, FAST_TANH)
                 p = tl.exp2((softcap * t - lse[:, None]) * _LOG2E)
             else:
                 p = tl.exp2((z - lse[:, None]) * _LOG2E)
@@ -280,23 +323,31 @@ def chunk_rows(num_tokens: int, vocab: int, itemsize: int, chunk_bytes: int | No
     return rounded if rounded <= max_rows else rows
 
 
+def fp32_accumulator_bytes(vocab: int, hidden: int, weight_dtype: torch.dtype) -> int:
+    """What accumulating dW in fp32 allocates: the (V, D) fp32 accumulator, and each chunk's
+    (V, D) product in the weight dtype before it is added."""
+    return vocab * hidden * (4 + torch.empty((), dtype=weight_dtype).element_size())
+
+
 def plan(num_tokens: int, vocab: int, hidden: int, itemsize: int, weight_dtype: torch.dtype,
          chunk_bytes: int | None, overlap: bool, need_w: bool = True,
          dw_fp32_accumulate: bool | None = None) -> tuple[int, bool, bool]:
     """(rows per chunk, double-buffered, dW accumulated in fp32) within ``chunk_bytes`` (default
-    :data:`DEFAULT_CHUNK_BYTES`): the logits buffers and an fp32 dW accumulator together. dW is
-    accumulated in fp32 (one rounding at the end, not one per chunk) when there are several
-    chunks and the accumulator takes at most a quarter of the budget; the logits get the rest.
-    ``overlap`` splits the logits' share into two buffers when there are several chunks."""
+    :data:`DEFAULT_CHUNK_BYTES`): the logits buffers and the fp32 accumulation's buffers
+    (:func:`fp32_accumulator_bytes`) together. dW is accumulated in fp32 (each chunk's product is
+    rounded once on its own, not the running sum once per chunk) when there are several chunks
+    and that takes at most a quarter of the budget; the logits get the rest. ``overlap`` splits
+    the logits' share into two buffers when there are several chunks."""
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     several = chunk_rows(num_tokens, vocab, itemsize, budget) < num_tokens
+    acc_bytes = fp32_accumulator_bytes(vocab, hidden, weight_dtype)
     if not need_w:
         fp32_acc = False
     elif dw_fp32_accumulate is None:
-        fp32_acc = weight_dtype != torch.float32 and several and vocab * hidden * 4 <= budget // 4
+        fp32_acc = weight_dtype != torch.float32 and several and acc_bytes <= budget // 4
     else:
         fp32_acc = dw_fp32_accumulate
-    logits_budget = budget - (vocab * hidden * 4 if fp32_acc else 0)  # at least one row, below
+    logits_budget = budget - (acc_bytes if fp32_acc else 0)  # at least one row, below
     step = chunk_rows(num_tokens, vocab, itemsize, logits_budget)
     double_buffered = overlap and step < num_tokens
     if double_buffered:
@@ -332,6 +383,8 @@ def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, hits, softca
     if config:
         cfg.update(config)
     block_m = cfg["BLOCK_M"]
+    bounded = softcap is not None and 0.0 < softcap <= BOUNDED_SOFTCAP
+    fast_tanh = cfg.get("FAST_TANH", FAST_TANH and logits.dtype == torch.bfloat16)
     _ce_rows_kernel[(triton.cdiv(rows, block_m),)](
         logits, logits.stride(0),
         targets,
@@ -342,7 +395,7 @@ def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, hits, softca
         float(softcap) if softcap is not None else 1.0, float(label_smoothing), float(z_loss),
         SOFTCAP=softcap is not None, SMOOTH=bool(label_smoothing), ZLOSS=bool(z_loss),
         GRAD=grad, LSE_GIVEN=lse_in is not None, HIT=hits is not None,
-        BOUNDED=softcap is not None and 0.0 < softcap <= BOUNDED_SOFTCAP, PTX=_NVIDIA and logits.is_cuda,
+        BOUNDED=bounded, PTX=_NVIDIA and logits.is_cuda, FAST_TANH=bool(fast_tanh) and bounded,
         BLOCK_M=block_m, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
     )
 

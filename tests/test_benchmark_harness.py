@@ -87,6 +87,32 @@ def test_frozen_head_gets_no_gradient():
         assert not weight.requires_grad and weight.grad is None
 
 
+def test_variants_hold_their_launcher_defaults_during_the_call_only():
+    """fastweight's variants run with the launcher defaults they name, restored after each call
+    (a failing one too); the fast-tanh variant exists only where the kernel would use it."""
+    from benchmarks.peers import Unavailable, _with_defaults, kernel_defaults
+    from fastweight.kernels import linear_ce as K
+
+    before = (K.OVERLAP, K.FAST_TANH)
+    seen = []
+    _with_defaults(lambda: seen.append((K.OVERLAP, K.FAST_TANH)), {"OVERLAP": True, "FAST_TANH": True})()
+    assert seen == [(True, True)] and (K.OVERLAP, K.FAST_TANH) == before
+
+    def fail():
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        _with_defaults(fail, {"FAST_TANH": not before[1]})()
+    assert (K.OVERLAP, K.FAST_TANH) == before
+    with pytest.raises(AttributeError):
+        with kernel_defaults({"NO_SUCH_DEFAULT": 1}):
+            pass
+    bf16 = dict(B=1, T=8, D=4, V=16, dtype="bf16")
+    for case in (CASE, Case("nocap", **bf16), Case("cap50", **bf16, softcap=50.0)):
+        with pytest.raises(Unavailable, match="fast tanh"):
+            build("fastweight_fast_tanh", build_inputs(case), "fwd_bwd", "cpu")
+    assert callable(build("fastweight_fast_tanh", build_inputs(Case("cap30", **bf16, softcap=30.0)), "score", "cpu"))
+
+
 def test_the_floor_counts_the_gemms_it_cannot_avoid():
     full = Case("f", B=1, T=8, D=4, V=16)
     frozen = Case("z", B=1, T=8, D=4, V=16, frozen_head=True)

@@ -64,6 +64,9 @@ def test_dry_run_writes_the_schema(tmp_path):
         for variant in ("fastweight_overlap", "fastweight_2gib"):
             assert by[(case, op, variant)]["loss"] == pytest.approx(by[(case, op, "fastweight")]["loss"], rel=1e-5)
     assert not {v["best_peer"] for v in doc["verdicts"]} & {"fastweight_overlap", "fastweight_2gib"}
+    # The fast-tanh variant applies to bf16 logits under a bounded cap only: not to these fp32 cases.
+    for case, op in gemms:
+        assert by[(case, op, "fastweight_fast_tanh")]["error"].startswith("unavailable: the fast tanh"), case
     # Where the time goes, per (case, op), for fastweight and its two-stream variant.
     profiles = {(p["case"], p["op"], p["impl"]): p for p in doc["profiles"]}
     assert set(profiles) == {(c, o, i) for c, o in gemms for i in ("fastweight", "fastweight_overlap")}
@@ -166,10 +169,16 @@ def test_sweeps_past_their_deadline_are_recorded_as_skipped():
     """gpu_check.sh's timeout must never cut the verdict lines: a sweep that would start after
     its deadline runs nothing and says so."""
     from benchmarks.cases import GPU_DRY_CASES
-    from benchmarks.sweeps import chunk_sweep, row_kernel_sweep
+    from benchmarks.sweeps import ROW_SWEEP_CONFIGS, chunk_sweep, row_kernel_sweep
 
     case = GPU_DRY_CASES[0]
     rows = row_kernel_sweep(case.V, case.softcap, "cpu", rows=4, dtype="fp32", deadline=0.0)
     chunks = chunk_sweep(case, "cpu", budgets=(1 << 20,), deadline=0.0)
-    assert len(rows) == 12 and len(chunks) == 4
+    assert len(rows) == 2 * len(ROW_SWEEP_CONFIGS) and len(chunks) == 4
+    # Without a bounded softcap the fast-tanh configs would repeat the exact ones: left out.
+    exact = [c for c in ROW_SWEEP_CONFIGS if not c.get("FAST_TANH")]
+    assert 0 < len(exact) < len(ROW_SWEEP_CONFIGS)
+    for softcap in (None, 50.0):
+        uncapped = row_kernel_sweep(case.V, softcap, "cpu", rows=4, dtype="fp32", deadline=0.0)
+        assert [r["config"] for r in uncapped] == exact * 2
     assert all(r["error"] == "skipped: time budget" and "ms" not in r for r in rows + chunks)

@@ -299,18 +299,21 @@ def test_chunk_rows_plan(n, vocab):
     assert K.chunk_rows(10, 100, 4, 3 * 100 * 4) == 3
 
 
-@pytest.mark.parametrize("n,vocab,hidden", [(8192, 256000, 2304), (65536, 32000, 1536), (16384, 32000, 512),
-                                             (4096, 32000, 512)])
+@pytest.mark.parametrize("n,vocab,hidden", [(8192, 256000, 2304), (65536, 32000, 1536), (65536, 32000, 1024),
+                                             (16384, 32000, 512), (4096, 32000, 512)])
 @pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "two-streams"])
 def test_plan_keeps_logits_and_fp32_accumulator_within_the_budget(n, vocab, hidden, overlap):
-    """What the launcher allocates beyond inputs and gradients, the logits buffers and an fp32
-    dW accumulator, fits the default budget; the accumulator is used only with several chunks,
-    when it takes at most a quarter of the budget."""
+    """What the launcher allocates beyond inputs and gradients, the logits buffers and, to
+    accumulate dW in fp32, a (V, D) fp32 accumulator and a (V, D) bf16 product per chunk, fits
+    the default budget; fp32 accumulation is used only with several chunks, when it takes at
+    most a quarter of the budget."""
     step, double, fp32_acc = K.plan(n, vocab, hidden, 2, torch.bfloat16, None, overlap)
     buffers = 2 if double else 1
-    used = buffers * min(step, n) * vocab * 2 + (vocab * hidden * 4 if fp32_acc else 0)
+    accumulation = vocab * hidden * (4 + 2)
+    used = buffers * min(step, n) * vocab * 2 + (accumulation if fp32_acc else 0)
     assert used <= K.DEFAULT_CHUNK_BYTES
-    assert fp32_acc == (step < n and vocab * hidden * 4 <= K.DEFAULT_CHUNK_BYTES // 4)
+    assert fp32_acc == (step < n and accumulation <= K.DEFAULT_CHUNK_BYTES // 4)
+    assert K.fp32_accumulator_bytes(vocab, hidden, torch.bfloat16) == accumulation
     assert double == (overlap and step < n)
     assert K.plan(n, vocab, hidden, 2, torch.bfloat16, None, overlap, need_w=False)[2] is False
     assert K.plan(n, vocab, hidden, 4, torch.float32, None, overlap)[2] is False  # fp32 dW is its own accumulator
@@ -331,6 +334,76 @@ def test_16bit_rule_on_the_torch_backend(dtype):
     check_all((loss, *grads), refs, ("loss", "dx", "dw", "db"), x)
 
 
+def _row_kernel(z, t, c, softcap, fast_tanh):
+    """The row kernel alone on a logits block (SMALL tiles): (loss, lse, G), G = d(sum c l)/dz
+    written over a copy of z."""
+    g = z.clone()
+    loss, lse = (torch.empty(z.shape[0], device=z.device) for _ in range(2))
+    K._launch_rows(g, t, c, None, loss, lse, None, softcap, 0.0, 0.0, True, {**SMALL, "FAST_TANH": fast_tanh})
+    return loss, lse, g
+
+
+@pytest.mark.parametrize("softcap", [30.0, 4.0], ids=["cap30", "cap4"])
+def test_fast_tanh_stays_within_its_error_budget(softcap):
+    """FAST_TANH: each capped logit cap * t errs by at most delta = cap * FAST_TANH_ERROR (under
+    the interpreter the stand-in errs by exactly that much, towards zero). So the lse and the
+    target's capped logit move by at most delta each, the loss by 2 delta, each p = softmax by a
+    factor within exp(+-2 delta), and the slope s = 1 - t^2 keeps its relative precision (about
+    FAST_TANH_ERROR) even where tanh saturates and s is 1e-5: G = c (p - y) s is held to that,
+    element by element. The exact kernel is held to the same bounds at FAST_TANH_ERROR = 0."""
+    g = torch.Generator().manual_seed(41)
+    rows, vocab = 24, V
+    z = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * (2 * softcap)  # |z| / cap up to ~7
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    t[::5] = -1
+    c = (torch.rand(rows, generator=g, dtype=torch.float64) * 2 - 0.5) * (t >= 0)
+    zc = softcap * torch.tanh(z / softcap)
+    lse64 = torch.logsumexp(zc, -1)
+    p = torch.softmax(zc, -1)
+    y = torch.zeros_like(p)
+    live = t >= 0
+    y[live, t[live]] = 1.0
+    slope = 1 - torch.tanh(z / softcap) ** 2
+    G64 = c[:, None] * (p - y) * slope
+    loss64 = (lse64 - zc.gather(1, t.clamp_min(0)[:, None])[:, 0]) * live
+    eps32 = torch.finfo(torch.float32).eps
+    results = {}
+    for fast in (False, True):
+        err = K.FAST_TANH_ERROR if fast else 0.0
+        loss, lse, G = (a.cpu().double() for a in _row_kernel(
+            z.float().to(DEVICE), t.to(DEVICE), c.float().to(DEVICE), softcap, fast))
+        results[fast] = lse
+        # fp32's share: the sums over V terms and the few roundings that form each term
+        a = softcap * err + (vocab + 8) * eps32 * (lse64.abs() + softcap)
+        assert ((lse - lse64).abs()[live] <= a[live]).all(), f"fast={fast}: lse"
+        assert ((loss - loss64).abs() <= 2 * a).all(), f"fast={fast}: loss"
+        bound = c.abs()[:, None] * slope * (p * torch.expm1(2 * a)[:, None] + (p - y).abs() * (2 * err + 64 * eps32))
+        bad = (G - G64).abs() > bound + 1e-30
+        assert not bad.any(), (f"fast={fast}: {int(bad.sum())} gradient elements off, worst at slope "
+                               f"{slope[bad].min().item():.2e}")
+    moved = (results[True] - results[False]).abs()[live]
+    if DEVICE == "cpu":  # the stand-in's error is known: it must have been exercised
+        assert moved.max() > 0.5 * softcap * K.FAST_TANH_ERROR
+    else:
+        assert moved.max() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_fast_tanh_default_applies_to_bf16_and_bounded_caps_only(dtype, monkeypatch):
+    """The module default turns the fast tanh on for bf16 logits only: fp32 and fp16 results
+    stay bit-identical with it on. Forced by config, it changes results at a bounded cap and not
+    at a larger one (the running-maximum sweep keeps the exact tanh)."""
+    x, w, b, t, c = make(dtype=dtype, bias=True, seed=43, scale=40.0)
+    run = lambda cap, **cfg: forward_backward(x, w, b, t, c, softcap=cap, config={**SMALL, **cfg})  # noqa: E731
+    exact = run(30.0)
+    monkeypatch.setattr(K, "FAST_TANH", True)
+    for a, bb in zip(exact, run(30.0)):
+        assert torch.equal(a, bb)
+    assert not torch.equal(run(30.0, FAST_TANH=True)[0], exact[0])
+    for a, bb in zip(run(60.0), run(60.0, FAST_TANH=True)):
+        assert torch.equal(a, bb)
+
+
 # ---------------------------------------------------------------------------------------------
 # bf16: the interpreter's bf16 arithmetic is broken, so these need a GPU
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +421,19 @@ def test_bf16_forward_backward(feats, chunk):
     check_all((loss, lse), refs, ("loss", "lse"), x, (t >= 0).cpu())
     grads = backward(x, w, b, t, c, lse, softcap=softcap, label_smoothing=ls, chunk_tokens=chunk)
     check_all(grads, refs, ("dx", "dw", "db"), x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [None, 300], ids=["one-chunk", "chunks"])
+def test_bf16_fast_tanh_forward_backward(chunk):
+    """The hardware tanh.approx (FAST_TANH) under Gemma's cap, held to the rule of naive bf16."""
+    x, w, b, t, c = make(n=1001, d=257, v=5003, dtype=torch.bfloat16, bias=True, seed=25, scale=8.0)
+    refs = (reference(x, w, b, t, c, 30.0, 0.1, torch.float64), reference(x, w, b, t, c, 30.0, 0.1, torch.bfloat16))
+    fast = {"FAST_TANH": True}
+    out = forward_backward(x, w, b, t, c, softcap=30.0, label_smoothing=0.1, chunk_tokens=chunk, config=fast)
+    check_all(out, refs, ("loss", "dx", "dw", "db"), x)
+    loss, lse = forward(x, w, b, t, softcap=30.0, label_smoothing=0.1, chunk_tokens=chunk, config=fast)
+    check_all((loss, lse), refs, ("loss", "lse"), x, (t >= 0).cpu())
 
 
 @pytest.mark.gpu
