@@ -301,7 +301,7 @@ def _scale_kernel(t_ptr, n, s_ptr, BLOCK: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 def row_config(dtype: torch.dtype) -> dict:
     """The default launch configuration of ``_ce_rows_kernel`` for logits of ``dtype``."""
-    return dict(ROW_CONFIGS[torch.empty((), dtype=dtype).element_size()])
+    return dict(ROW_CONFIGS[dtype.itemsize])
 
 
 def new_buffer(shape, dtype: torch.dtype, device) -> Tensor:
@@ -326,7 +326,7 @@ def chunk_rows(num_tokens: int, vocab: int, itemsize: int, chunk_bytes: int | No
 def fp32_accumulator_bytes(vocab: int, hidden: int, weight_dtype: torch.dtype) -> int:
     """What accumulating dW in fp32 allocates: the (V, D) fp32 accumulator, and each chunk's
     (V, D) product in the weight dtype before it is added."""
-    return vocab * hidden * (4 + torch.empty((), dtype=weight_dtype).element_size())
+    return vocab * hidden * (4 + weight_dtype.itemsize)
 
 
 def plan(num_tokens: int, vocab: int, hidden: int, itemsize: int, weight_dtype: torch.dtype,
