@@ -14,10 +14,18 @@
 # Budget: the whole call ends within GPU_CHECK_BUDGET_S (default 345 s, under 6 minutes on an
 # H200): the tests get at most 120 s; the bench gets the rest and stops timing peers (never
 # fastweight) 60 s before its end.
+# Where $OUT is set (the device tool brings back what is under it), the call also leaves there
+# its whole log, the tests' tolerance margins (tolerance-margins.tsv) and the results files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 start=$(date +%s)
+marker=$(mktemp)
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    export FASTWEIGHT_TOLERANCE_LOG=$OUT/tolerance-margins.tsv
+    exec > >(tee "$OUT/gpu_check.log") 2>&1
+fi
 budget=${GPU_CHECK_BUDGET_S:-345}
 left() { echo $(( budget - ($(date +%s) - start) )); }
 
@@ -51,4 +59,8 @@ echo "gpu_check: tests rc=$tests_rc, bench rc=$bench_rc, $(( $(date +%s) - start
 echo "== speed goal per case (fastweight)"
 grep -E '^(PASS|SHORT) ' "$log" || echo "SHORT all cases: the bench printed no verdict (rc=$bench_rc)"
 rm -f "$log"
+if [ -n "${OUT:-}" ]; then
+    find benchmarks/results -name 'gpu-*' -newer "$marker" -exec cp {} "$OUT"/ \;
+fi
+rm -f "$marker"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
