@@ -139,6 +139,28 @@ def test_second_backward_raises_unless_retain_graph_safe():
     torch.testing.assert_close(h.grad, 2 * first)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_precomputed_gradients_become_grad_without_a_copy(reduction, monkeypatch):
+    """A mean or sum loss forms dX and dW in its forward; backward hands those very buffers to
+    autograd, which adopts them as .grad. A reference left behind (e.g. on ctx) would make
+    autograd clone them: a (V, D) copy per step."""
+    from fastweight.linear_ce import chunked
+
+    made = {}
+
+    def recording(*args, **kwargs):
+        out = chunked_linear_ce(*args, **kwargs)
+        if out[3] is not None:
+            made.update(dx=out[3][0].data_ptr(), dw=out[3][1].data_ptr())
+        return out
+    chunked_linear_ce = chunked.linear_ce
+    monkeypatch.setattr(chunked, "linear_ce", recording)
+    hidden, weight, labels, _, _ = random_batch("rows", seed=4)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    fw.weighted_ce(h, w, labels, reduction=reduction, impl="torch").backward()
+    assert made and w.grad.data_ptr() == made["dw"] and h.grad.data_ptr() == made["dx"]
+
+
 def test_weights_are_constants():
     hidden, weight, labels, _, _ = random_batch("rows", seed=4)
     sw = torch.rand(3, requires_grad=True)
