@@ -33,7 +33,7 @@ ROW_SWEEP_CONFIGS = (
     {"BLOCK_M": 1, "BLOCK_V": 4096, "num_warps": 8, "FAST_TANH": True},
     {"BLOCK_M": 1, "BLOCK_V": 4096, "num_warps": 16, "FAST_TANH": True},
 )
-CHUNK_SWEEP_BYTES = (512 << 20, 896 << 20, 2048 << 20)
+CHUNK_SWEEP_BYTES = (512 << 20, 896 << 20, 1008 << 20, 2048 << 20)
 
 
 def _time_launch(launch, restore, device, repeats: int) -> list[float]:

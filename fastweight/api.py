@@ -121,7 +121,7 @@ def weighted_ce(hidden: Tensor, weight: Tensor, labels: Tensor, sample_weights: 
             positive number or scalar tensor, divided by exactly.
         impl: "auto" | "triton" | "torch" | "reference" (``FASTWEIGHT_IMPL`` overrides "auto").
         chunk_bytes: working-memory budget for the logits blocks, honoured by every backend
-            that chunks: default ``FASTWEIGHT_CHUNK_BYTES``, else 896 MiB (Triton) or the larger
+            that chunks: default ``FASTWEIGHT_CHUNK_BYTES``, else 1008 MiB (Triton) or the larger
             of 64 MiB and V*D*2 bytes (torch). impl="reference" cannot honour it and raises.
         z_loss: adds z_loss * lse^2 to each counted token's loss (PaLM's z-loss), weighted and
             reduced like the cross-entropy.

@@ -299,6 +299,14 @@ def test_chunk_rows_plan(n, vocab):
     assert K.chunk_rows(10, 100, 4, 3 * 100 * 4) == 3
 
 
+@pytest.mark.parametrize("vocab,rows", [(256000, 2048), (128256, 4096)], ids=["gemma2", "llama3"])
+def test_default_budget_at_the_benchmark_heads(vocab, rows):
+    """What DEFAULT_CHUNK_BYTES is chosen for: 8192 bf16 tokens in 4 chunks of 2048 rows at the
+    Gemma-2 head and 2 of 4096 at the Llama-3 head, the block at least 16 MiB under 1 GiB."""
+    assert K.chunk_rows(8192, vocab, 2, None) == rows
+    assert rows * vocab * 2 <= (1 << 30) - (16 << 20)
+
+
 @pytest.mark.parametrize("n,vocab,hidden", [(8192, 256000, 2304), (65536, 32000, 1536), (65536, 32000, 1024),
                                              (16384, 32000, 512), (4096, 32000, 512)])
 @pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "two-streams"])
