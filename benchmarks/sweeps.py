@@ -60,7 +60,7 @@ def _time_launch(launch, restore, device, repeats: int) -> list[float]:
 def _settings(config: dict, dtype: torch.dtype) -> dict:
     """What the row kernel's launcher runs with ``config`` for logits of ``dtype``."""
     from fastweight.kernels import linear_ce as K
-    return {**K.row_config(dtype), "FAST_TANH": K.FAST_TANH and dtype == torch.bfloat16, **config}
+    return {**K.row_config(dtype), "FAST_TANH": K.fast_tanh_default(dtype), **config}
 
 
 def _late(deadline: float | None) -> bool:

@@ -306,6 +306,12 @@ def row_config(dtype: torch.dtype) -> dict:
     return dict(ROW_CONFIGS[dtype.itemsize])
 
 
+def fast_tanh_default(dtype: torch.dtype) -> bool:
+    """Whether the row kernel takes the fast tanh for logits of ``dtype`` unless its config says
+    otherwise (under a softcap up to BOUNDED_SOFTCAP): :data:`FAST_TANH`, for bf16 only."""
+    return FAST_TANH and dtype == torch.bfloat16
+
+
 def new_buffer(shape, dtype: torch.dtype, device) -> Tensor:
     """Every buffer the launchers allocate comes from here (tests NaN-fill it to catch an
     element a kernel forgets to write)."""
@@ -386,7 +392,7 @@ def _launch_rows(logits: Tensor, targets, coeff, lse_in, loss, lse, hits, softca
         cfg.update(config)
     block_m = cfg["BLOCK_M"]
     bounded = softcap is not None and 0.0 < softcap <= BOUNDED_SOFTCAP
-    fast_tanh = cfg.get("FAST_TANH", FAST_TANH and logits.dtype == torch.bfloat16)
+    fast_tanh = cfg.get("FAST_TANH", fast_tanh_default(logits.dtype))
     _ce_rows_kernel[(triton.cdiv(rows, block_m),)](
         logits, logits.stride(0),
         targets,

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -163,6 +164,23 @@ def test_no_gpu_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--out", str(tmp_path / "x.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no CUDA" in proc.stderr
+
+
+def test_row_sweep_marks_the_launchers_default(monkeypatch):
+    """Each row-sweep record says whether it is what the launcher runs by default, the fast
+    tanh's module default included (bf16 logits only)."""
+    from benchmarks.sweeps import row_kernel_sweep
+    from fastweight.kernels import linear_ce as K
+
+    def defaults(dtype):
+        rows = row_kernel_sweep(301, 30.0, "cpu", rows=4, dtype=dtype, deadline=0.0)
+        return [(r["config"], r["mode"]) for r in rows if r["default"]]
+    plain = {**K.row_config(torch.bfloat16)}
+    assert defaults("bf16") == [(plain, "forward"), (plain, "fwd_bwd")]
+    monkeypatch.setattr(K, "FAST_TANH", True)  # then a config that does not name it runs it too
+    fast = {**plain, "FAST_TANH": True}
+    assert defaults("bf16") == [(plain, "forward"), (fast, "forward"), (plain, "fwd_bwd"), (fast, "fwd_bwd")]
+    assert all(not c.get("FAST_TANH") for c, _ in defaults("fp16"))
 
 
 def test_sweeps_past_their_deadline_are_recorded_as_skipped():
